@@ -1,0 +1,179 @@
+"""Federated Averaging (McMahan et al. 2017).
+
+Each round the server picks ``m = max(round(C * K), 1)`` of its ``K`` clients at random,
+sends them the global model, lets each train locally (:mod:`veil.learning.local`) and
+replaces the global model by the average of the returned models, weighted by the number
+of examples each client holds. In terms of updates (local minus global):
+
+    w_{t+1} = w_t + sum_k n_k * delta_k / sum_k n_k
+
+The server validates every update before it touches the global model: tensor names and
+shapes must match, values must be finite, and the total weight must be positive;
+otherwise :class:`~veil.errors.UpdateError` is raised and the model is left unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from veil._seeding import Stream, derive_seed, numpy_rng
+from veil.errors import ConfigError, UpdateError
+from veil.learning._types import ClientResult, ClientTask, StateDict
+from veil.learning.local import LocalTrainer
+
+__all__ = ["FedAvg", "check_update", "weighted_average"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_update(update: StateDict, reference: StateDict, who: str = "update") -> None:
+    """Refuse an update whose names, shapes or dtypes differ from ``reference``, or
+    that holds NaN or Inf."""
+    if update.keys() != reference.keys():
+        missing = sorted(reference.keys() - update.keys())
+        extra = sorted(update.keys() - reference.keys())
+        raise UpdateError(
+            f"{who} must hold exactly the model's tensors; missing {missing}, "
+            f"unexpected {extra}"
+        )
+    for name, ref in reference.items():
+        t = update[name]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise UpdateError(
+                f"{who}: tensor {name!r} must be {ref.dtype} of shape "
+                f"{tuple(ref.shape)}, got {t.dtype} of shape {tuple(t.shape)}"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise UpdateError(f"{who}: tensor {name!r} holds NaN or Inf")
+
+
+def weighted_average(
+    updates: Sequence[StateDict], weights: Sequence[float], reference: StateDict
+) -> StateDict:
+    """``sum_k w_k * u_k / sum_k w_k``, after checking every update.
+
+    Args:
+        updates: one state dict per client, each shaped like ``reference``.
+        weights: one non-negative, finite weight per update (example counts).
+        reference: the global model's tensors, used to check names and shapes.
+
+    Raises:
+        UpdateError: no update, a bad weight, weights summing to zero, or an update
+            that fails :func:`check_update`. Nothing is modified.
+    """
+    if len(updates) == 0:
+        raise UpdateError("cannot average zero updates")
+    if len(updates) != len(weights):
+        raise UpdateError(
+            f"need one weight per update, got {len(weights)} for {len(updates)}"
+        )
+    for i, (u, w) in enumerate(zip(updates, weights, strict=True)):
+        if not (math.isfinite(w) and w >= 0):
+            raise UpdateError(f"weight of update {i} must be finite and >= 0, got {w}")
+        check_update(u, reference, who=f"update {i}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise UpdateError("the weights of the updates sum to zero: nothing to average")
+    averaged: StateDict = {}
+    for name in reference:
+        acc = torch.zeros_like(reference[name], dtype=torch.float64)
+        for u, w in zip(updates, weights, strict=True):
+            if w:
+                acc.add_(u[name].to(torch.float64), alpha=w / total)
+        averaged[name] = acc.to(reference[name].dtype)
+    return averaged
+
+
+@dataclass
+class FedAvg:
+    """The FedAvg server and client logic, free of I/O.
+
+    Attributes:
+        global_state: the global model's tensors; replaced after every round.
+        num_clients: K, the number of clients.
+        client_fraction: C in (0, 1], the fraction of clients per round.
+        trainer: the local trainer each client runs.
+        seed: the run's seed.
+    """
+
+    global_state: StateDict
+    num_clients: int
+    client_fraction: float
+    trainer: LocalTrainer
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.client_fraction <= 1:
+            raise ConfigError(
+                f"client_fraction must be in (0, 1], got {self.client_fraction}"
+            )
+        if self.num_clients < 1:
+            raise ConfigError(f"num_clients must be >= 1, got {self.num_clients}")
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(round(self.client_fraction * self.num_clients), 1)
+
+    def configure_round(self, rnd: int) -> list[ClientTask]:
+        """Choose this round's clients and the task each of them gets."""
+        rng = numpy_rng(self.seed, Stream.CLIENT_SAMPLING, rnd)
+        chosen = rng.choice(self.num_clients, self.clients_per_round, replace=False)
+        return [
+            ClientTask(
+                client_id=int(k),
+                round=rnd,
+                seed=derive_seed(self.seed, Stream.LOCAL_TRAINING, rnd, int(k)),
+                global_state=self.global_state,
+            )
+            for k in sorted(chosen)
+        ]
+
+    def client_fit(
+        self, task: ClientTask, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> ClientResult:
+        """Train ``model`` from the task's global state on the client's data."""
+        model.load_state_dict(task.global_state)
+        generator = torch.Generator().manual_seed(task.seed)
+        stats = self.trainer.train(model, x, y, generator)
+        with torch.no_grad():
+            update = {
+                name: value.detach() - task.global_state[name]
+                for name, value in model.state_dict().items()
+            }
+        return ClientResult(
+            task.client_id,
+            task.round,
+            update,
+            len(y),
+            stats.loss,
+            {"steps": float(stats.steps)},
+        )
+
+    def aggregate(self, rnd: int, results: Sequence[ClientResult]) -> None:
+        """Apply the example-weighted mean of the updates to the global model.
+
+        Raises:
+            UpdateError: a result from another round, or an update refused by
+                :func:`weighted_average`; the global model is left unchanged.
+        """
+        for r in results:
+            if r.round != rnd:
+                raise UpdateError(
+                    f"client {r.client_id} sent an update for round {r.round} "
+                    f"during round {rnd}"
+                )
+        mean = weighted_average(
+            [r.update for r in results],
+            [float(r.num_examples) for r in results],
+            self.global_state,
+        )
+        self.global_state = {
+            name: value + mean[name] for name, value in self.global_state.items()
+        }
+        logger.info("round %d: aggregated %d updates", rnd, len(results))

@@ -1,0 +1,84 @@
+"""Models: the small networks veil trains on phones.
+
+- ``2nn``: McMahan et al. (2017)'s multilayer perceptron, 784-200-200-10 with ReLU
+  (199,210 parameters).
+- ``cnn``: McMahan et al. (2017)'s CNN: two 5x5 convolutions (32 and 64 channels, each
+  followed by 2x2 max pooling), a 512-unit dense layer and a softmax layer
+  (1,663,370 parameters).
+- ``tanh-cnn``: the small tanh CNN of the DP-SGD literature (Papernot et al. 2020,
+  Opacus's MNIST example): 26,010 parameters.
+
+Models know nothing about privacy; they are built by name with :func:`build_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["MODELS", "build_model", "cnn", "mlp_2nn", "num_parameters", "tanh_cnn"]
+
+
+def mlp_2nn(in_features: int = 784, num_classes: int = 10, hidden: int = 200) -> nn.Module:
+    """Two hidden layers of ``hidden`` ReLU units ("2NN" in McMahan et al. 2017)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:
+    """McMahan et al. (2017)'s CNN for 28x28 images."""
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * side * side, 512),
+        nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
+def tanh_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """The small tanh CNN used for DP-SGD on MNIST (26,010 parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, kernel_size=8, stride=2, padding=3),
+        nn.Tanh(),
+        nn.MaxPool2d(2, stride=1),
+        nn.Conv2d(16, 32, kernel_size=4, stride=2),
+        nn.Tanh(),
+        nn.MaxPool2d(2, stride=1),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 32),
+        nn.Tanh(),
+        nn.Linear(32, num_classes),
+    )
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "2nn": mlp_2nn,
+    "cnn": cnn,
+    "tanh-cnn": tanh_cnn,
+}
+
+
+def build_model(name: str) -> nn.Module:
+    """A freshly initialised model by name (see :data:`MODELS`)."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name]()
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
