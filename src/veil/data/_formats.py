@@ -19,7 +19,7 @@ from veil.errors import DataError
 __all__ = ["read_csv", "read_idx", "read_npz"]
 
 # IDX type codes (third byte of the magic number) and their big-endian dtypes.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -144,7 +144,7 @@ def read_csv(
 
 
 def _encode_labels(raw: list[str]) -> np.ndarray:
-    """Integer labels stay as they are; any other labels map to 0..K-1 in sorted order."""
+    """Integer labels stay as they are; other labels map to 0..K-1, sorted."""
     try:
         return np.array([int(float(v)) for v in raw], dtype=np.int64)
     except ValueError:
@@ -169,9 +169,8 @@ def read_npz(
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in (x_key, y_key, user_key) if k and k not in archive]
             if missing:
-                raise DataError(
-                    f"{path}: no array named {missing}; it holds {sorted(archive.files)}"
-                )
+                held = sorted(archive.files)
+                raise DataError(f"{path}: no array named {missing}; it holds {held}")
             x = np.asarray(archive[x_key])
             y = np.asarray(archive[y_key]).astype(np.int64)
             users = None if user_key is None else np.asarray(archive[user_key])

@@ -32,10 +32,14 @@ def _check_clients(num_examples: int, num_clients: int) -> None:
         )
 
 
-def iid(num_examples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+def iid(
+    num_examples: int, num_clients: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Split ``range(num_examples)`` uniformly at random into near-equal parts."""
     _check_clients(num_examples, num_clients)
-    return [np.sort(p) for p in np.array_split(rng.permutation(num_examples), num_clients)]
+    return [
+        np.sort(p) for p in np.array_split(rng.permutation(num_examples), num_clients)
+    ]
 
 
 def shards(
@@ -44,7 +48,7 @@ def shards(
     rng: np.random.Generator,
     shards_per_client: int = 2,
 ) -> list[np.ndarray]:
-    """Sort by label, cut into ``num_clients * shards_per_client`` shards, deal them out.
+    """Sort by label, cut ``num_clients * shards_per_client`` shards, deal them out.
 
     Ties within a label are broken at random, so the shard a label's examples land in
     does not depend on the file's order. When the data do not divide evenly, shard
@@ -53,7 +57,9 @@ def shards(
     labels = np.asarray(labels)
     num_shards = num_clients * shards_per_client
     if shards_per_client < 1:
-        raise DataError(f"shards_per_client must be at least 1, got {shards_per_client}")
+        raise DataError(
+            f"shards_per_client must be at least 1, got {shards_per_client}"
+        )
     _check_clients(len(labels), num_clients)
     if num_shards > len(labels):
         raise DataError(

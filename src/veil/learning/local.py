@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from veil.errors import ConfigError
 
@@ -99,7 +99,7 @@ class SGDTrainer:
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000
 ) -> tuple[float, float]:
-    """Accuracy (fraction in [0, 1]) and mean cross-entropy of ``model`` on ``(x, y)``."""
+    """Accuracy (a fraction in [0, 1]) and mean cross-entropy on ``(x, y)``."""
     model.eval()
     correct, loss = 0, 0.0
     for start in range(0, len(y), batch_size):

@@ -20,7 +20,9 @@ from torch import nn
 __all__ = ["MODELS", "build_model", "cnn", "mlp_2nn", "num_parameters", "tanh_cnn"]
 
 
-def mlp_2nn(in_features: int = 784, num_classes: int = 10, hidden: int = 200) -> nn.Module:
+def mlp_2nn(
+    in_features: int = 784, num_classes: int = 10, hidden: int = 200
+) -> nn.Module:
     """Two hidden layers of ``hidden`` ReLU units ("2NN" in McMahan et al. 2017)."""
     return nn.Sequential(
         nn.Flatten(),

@@ -50,7 +50,9 @@ class SimulationRuntime:
             )
         self._model = model_fn()
         self._x, self._y = train.x, train.y
-        self._indices = [torch.as_tensor(np.asarray(i, dtype=np.int64)) for i in client_indices]
+        self._indices = [
+            torch.as_tensor(np.asarray(i, dtype=np.int64)) for i in client_indices
+        ]
 
     @property
     def num_clients(self) -> int:

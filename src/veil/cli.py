@@ -1,0 +1,113 @@
+"""The ``veil`` command: parses arguments, calls the library, prints results.
+
+Errors veil raises on purpose (bad config, missing data, refused update) are printed as
+one clear message and exit with status 2; anything else is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from veil.errors import VeilError
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="veil",
+    help="Privacy-preserving deep learning for mobile devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="VEIL_DATA",
+        help="Folder holding the datasets (e.g. DIR/mnist/); default: ./data, then "
+        "the data/ folder of the veil checkout.",
+    ),
+]
+OutRoot = Annotated[
+    Path, typer.Option("--out", help="Folder in which the run directory is created.")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _fail(exc: VeilError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def _run(
+    config_text: str | Path, out: Path, data_dir: Path | None, quiet: bool
+) -> None:
+    from veil.experiment import load_config, run_experiment
+
+    config = load_config(config_text)
+    run_dir = run_experiment(config, out, data_dir=data_dir, progress=not quiet)
+    summary = (run_dir / "summary.json").read_text()
+    err.print(f"[bold green]done:[/] {run_dir}/report.md")
+    if quiet:
+        typer.echo(summary)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment config (TOML).")],
+    out: OutRoot = Path("runs"),
+    data_dir: DataDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run the experiment CONFIG and write a run directory with its report."""
+    try:
+        _run(config, out, data_dir, quiet)
+    except VeilError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def demo(
+    out: OutRoot = Path("runs"), data_dir: DataDir = None, quiet: Quiet = False
+) -> None:
+    """Run the bundled demo: FedAvg on full MNIST, 100 clients, with both baselines."""
+    demo_config = resources.files("veil.experiment") / "configs" / "demo.toml"
+    try:
+        with resources.as_file(demo_config) as path:
+            _run(path, out, data_dir, quiet)
+    except VeilError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory of `veil run`.")],
+) -> None:
+    """Rebuild the report of RUN_DIR from its config and metrics."""
+    from veil.experiment import write_report
+
+    if not (run_dir / "config.toml").exists():
+        raise _fail(VeilError(f"{run_dir} is not a run directory: config.toml missing"))
+    try:
+        path = write_report(run_dir)
+    except VeilError as exc:
+        raise _fail(exc) from None
+    typer.echo(str(path))
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
