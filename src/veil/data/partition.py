@@ -81,10 +81,11 @@ def dirichlet(
     """Give each client an equal share drawn from its own Dirichlet(alpha) label mix.
 
     Each client ``k`` draws label proportions ``q_k ~ Dirichlet(alpha * p)``, with
-    ``p`` the label frequencies of the whole set, and fills its share by drawing labels
-    from ``q_k`` among the examples still unassigned; when a label runs out, its weight
-    moves to the labels that remain. Shares differ by at most one example, so no client
-    is empty for any alpha > 0, and the clients together cover the data.
+    ``p`` the label frequencies of the whole set, and fills its share by drawing
+    labels in proportion to ``q_k`` among the examples still unassigned; when a label
+    runs out, its weight moves to the labels that remain. Shares differ by at most
+    one example, so no client is empty for any alpha > 0, and the clients together
+    cover the data.
 
     Args:
         labels: shape ``(N,)``, integer class of each example.
@@ -98,22 +99,18 @@ def dirichlet(
     classes, inverse = np.unique(labels, return_inverse=True)
     pools = [rng.permutation(np.flatnonzero(inverse == c)) for c in range(len(classes))]
     left = np.array([len(p) for p in pools])
-    prior = left / left.sum()
-    sizes = [len(part) for part in np.array_split(np.arange(len(labels)), num_clients)]
+    shares = np.array_split(np.arange(len(labels)), num_clients)
+    sizes = np.array([len(p) for p in shares])
+    mixes = _balanced_mixes(rng, alpha, sizes, left.copy())
     clients: list[np.ndarray] = []
-    for size in sizes:
-        # Dirichlet draws with tiny alpha underflow to zero; floor them to stay valid.
-        mix = rng.dirichlet(np.maximum(alpha * prior, 1e-3))
-        if not np.all(np.isfinite(mix)):  # every gamma draw underflowed
-            mix = np.eye(len(classes))[rng.choice(len(classes), p=prior)]
+    for size, mix in zip(sizes, mixes, strict=True):
         taken: list[np.ndarray] = []
-        need = size
+        need = int(size)
         while need > 0:
             weights = np.where(left > 0, mix, 0.0)
             if weights.sum() <= 0:  # every label the client favours has run out
                 weights = left.astype(float)
-            counts = rng.multinomial(need, weights / weights.sum())
-            counts = np.minimum(counts, left)
+            counts = np.minimum(_apportion(need, weights / weights.sum()), left)
             for c in np.flatnonzero(counts):
                 start = len(pools[c]) - left[c]
                 taken.append(pools[c][start : start + counts[c]])
@@ -121,6 +118,42 @@ def dirichlet(
             need -= int(counts.sum())
         clients.append(np.sort(np.concatenate(taken)))
     return clients
+
+
+_FITTING_STEPS = 3
+
+
+def _balanced_mixes(
+    rng: np.random.Generator, alpha: float, sizes: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Draw each client's label mix, then rescale the mixes toward asking, together,
+    for the examples there are (a few steps of iterative proportional fitting).
+
+    Without this step the last clients inherit whatever labels the others left over,
+    which is far from their mix when alpha is large. Only a few steps are taken, so
+    that a label few clients favour is not spread thinly over many clients when alpha
+    is small; the greedy fill that follows absorbs what remains.
+    """
+    prior = counts / counts.sum()
+    # Dirichlet draws with tiny alpha underflow to zero; floor them to stay valid.
+    mixes = rng.dirichlet(np.maximum(alpha * prior, 1e-3), size=len(sizes))
+    bad = ~np.all(np.isfinite(mixes), axis=1)  # every gamma draw underflowed
+    mixes[bad] = np.eye(len(counts))[rng.choice(len(counts), bad.sum(), p=prior)]
+    plan = mixes * sizes[:, None]
+    for _ in range(_FITTING_STEPS):
+        plan *= counts / np.maximum(plan.sum(axis=0), 1e-12)
+        plan *= (sizes / plan.sum(axis=1))[:, None]
+    return plan / sizes[:, None]
+
+
+def _apportion(total: int, shares: np.ndarray) -> np.ndarray:
+    """Integer counts summing to ``total`` in proportion to ``shares`` (largest
+    remainders get the leftover units), so no sampling noise is added to the mix."""
+    exact = total * shares
+    counts = np.floor(exact).astype(np.int64)
+    leftover = total - int(counts.sum())
+    counts[np.argsort(counts - exact, kind="stable")[:leftover]] += 1
+    return counts
 
 
 def natural(users: np.ndarray | None) -> list[np.ndarray]:
