@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 
 import dp_accounting as dpa
 from dp_accounting import pld as dpa_pld
@@ -278,22 +279,18 @@ def calibrate_noise_multiplier(
     def eps(z: float) -> float:
         return dpsgd_epsilon(z, sample_rate, steps, delta, accountant, relation)
 
-    # Bracket: `high` meets the target, `low` does not.
-    high = 1.0
-    while eps(high) > target_epsilon:
-        high *= 2
-        if high > _MAX_NOISE_MULTIPLIER:
-            raise PrivacyError(
-                f"target_epsilon={target_epsilon:g} is out of reach at delta={delta:g} "
-                f"with sample_rate={sample_rate:g} and steps={steps}: even "
-                f"noise_multiplier={_MAX_NOISE_MULTIPLIER:g} exceeds it"
-            )
-    low = high / 2
-    while eps(low) <= target_epsilon:
-        high, low = low, low / 2
-        if high < tolerance:
-            return high
-    if high - low <= tolerance:
+    # Bracket: `high` meets the target, `low` does not. PLD is slow at small noise
+    # multipliers, so it starts from the (fast, never smaller) RDP answer.
+    start, factor = 1.0, 2.0
+    add_remove = _relation(relation) is NeighbouringRelation.ADD_OR_REMOVE_ONE
+    if _accountant(accountant) is Accountant.PLD and add_remove:
+        start = calibrate_noise_multiplier(
+            target_epsilon, sample_rate, steps, delta, "rdp", relation, tolerance
+        )
+        factor = 1.25
+    where = f"at delta={delta:g} with sample_rate={sample_rate:g} and steps={steps}"
+    low, high = _bracket(eps, target_epsilon, start, factor, where)
+    if low == 0 or high - low <= tolerance:
         return high
 
     found = dpa.calibrate_dp_mechanism(
@@ -307,3 +304,28 @@ def calibrate_noise_multiplier(
     # dp-accounting keeps the side with a non-positive gap; hold it to that.
     answer = min(float(found), high)
     return answer if eps(answer) <= target_epsilon else high
+
+
+def _bracket(
+    eps: Callable[[float], float],
+    target: float,
+    start: float,
+    factor: float,
+    where: str,
+) -> tuple[float, float]:
+    """``(low, high)`` with ``eps(low) > target >= eps(high)``, searching
+    geometrically from ``start``; ``low`` is 0 when tiny noise already meets it."""
+    high = start
+    while eps(high) > target:
+        high *= factor
+        if high > _MAX_NOISE_MULTIPLIER:
+            raise PrivacyError(
+                f"target_epsilon={target:g} is out of reach {where}: even "
+                f"noise_multiplier={_MAX_NOISE_MULTIPLIER:g} exceeds it"
+            )
+    low = high / factor
+    while eps(low) <= target:
+        high, low = low, low / factor
+        if high < 1e-6:
+            return 0.0, high
+    return low, high
