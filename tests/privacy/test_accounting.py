@@ -35,7 +35,9 @@ def sampled_gaussian_rdp(q: float, sigma: float, order: int) -> float:
     return log_a / (order - 1)
 
 
-def moments_accountant_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
+def moments_accountant_epsilon(
+    q: float, sigma: float, steps: int, delta: float
+) -> float:
     """Abadi et al. (2016): eps = min over integer orders of
     (T * rdp(order) + log(1/delta)) / (order - 1) ... written with lambda = order - 1."""
     best = math.inf
@@ -60,7 +62,9 @@ def gaussian_epsilon(delta: float, sigma: float) -> float:
     low, high = 0.0, 100.0
     for _ in range(200):
         middle = (low + high) / 2
-        low, high = (low, middle) if gaussian_delta(middle, sigma) <= delta else (middle, high)
+        low, high = (
+            (low, middle) if gaussian_delta(middle, sigma) <= delta else (middle, high)
+        )
     return high
 
 
@@ -140,14 +144,19 @@ def test_replace_one_relation() -> None:
     add_remove = dpsgd_epsilon(1.0, 0.01, 100, 1e-5, "pld", "add_or_remove_one")
     replace = dpsgd_epsilon(1.0, 0.01, 100, 1e-5, "pld", "replace_one")
     assert add_remove < replace <= 2.2 * add_remove
-    with pytest.raises(PrivacyError, match=r"'rdp' cannot account.*'replace_one'.*'pld'"):
+    with pytest.raises(
+        PrivacyError, match=r"'rdp' cannot account.*'replace_one'.*'pld'"
+    ):
         dpsgd_epsilon(1.0, 0.01, 100, 1e-5, "rdp", "replace_one")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"noise_multiplier": -1.0}, "noise_multiplier must be finite and >= 0, got -1.0"),
+        (
+            {"noise_multiplier": -1.0},
+            "noise_multiplier must be finite and >= 0, got -1.0",
+        ),
         ({"noise_multiplier": math.nan}, "noise_multiplier must be finite"),
         ({"sample_rate": 0.0}, r"sample_rate must be in \(0, 1\], got 0.0"),
         ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\], got 1.5"),

@@ -32,7 +32,9 @@ def small_model() -> nn.Module:
     norms=st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=20),
     clipping_norm=st.floats(1e-3, 1e3),
 )
-def test_clip_factors_bound_every_norm(norms: list[float], clipping_norm: float) -> None:
+def test_clip_factors_bound_every_norm(
+    norms: list[float], clipping_norm: float
+) -> None:
     n = torch.tensor(norms, dtype=torch.float64)
     factors = clip_factors(n, clipping_norm)
     assert bool((factors <= 1).all())
@@ -90,7 +92,9 @@ def test_micro_batches_do_not_change_the_result() -> None:
             torch.testing.assert_close(other.grads[name], g, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("noise_multiplier", "clipping_norm"), [(1.0, 1.0), (2.5, 0.2)])
+@pytest.mark.parametrize(
+    ("noise_multiplier", "clipping_norm"), [(1.0, 1.0), (2.5, 0.2)]
+)
 def test_noise_std_of_averaged_gradient(
     noise_multiplier: float, clipping_norm: float
 ) -> None:
@@ -116,7 +120,9 @@ def test_noise_std_of_averaged_gradient(
         [(draws[0].grads[n] - draws[1].grads[n]).flatten() for n in draws[0].grads]
     )
     std = float(diff.double().std()) / math.sqrt(2)
-    assert std == pytest.approx(noise_multiplier * clipping_norm / expected_batch, rel=0.04)
+    assert std == pytest.approx(
+        noise_multiplier * clipping_norm / expected_batch, rel=0.04
+    )
     assert abs(float(diff.double().mean())) < 4 * std * math.sqrt(2 / diff.numel())
 
 

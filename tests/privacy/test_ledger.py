@@ -98,8 +98,9 @@ def test_json_errors_are_clear() -> None:
     with pytest.raises(PrivacyError, match="ledger format must be"):
         PrivacyLedger.from_json('{"format": "other"}')
     with pytest.raises(PrivacyError, match=r"unknown keys \['sigma'\]"):
-        PrivacyEvent.from_dict({"mechanism": "gaussian", "noise_multiplier": 1.0,
-                                "sigma": 2})
+        PrivacyEvent.from_dict(
+            {"mechanism": "gaussian", "noise_multiplier": 1.0, "sigma": 2}
+        )
 
 
 @pytest.mark.parametrize(
@@ -125,7 +126,9 @@ def test_affordable_is_the_exact_limit(epsilon: float, spent: int) -> None:
     events = [gaussian(1.0, 0.01, spent)] if spent else []
     ledger = PrivacyLedger("rdp", budget=budget, events=events)
     k = ledger.affordable(step, 5000)
-    within = PrivacyLedger("rdp", events=[*events, gaussian(1.0, 0.01, k)] if k else events)
+    within = PrivacyLedger(
+        "rdp", events=[*events, gaussian(1.0, 0.01, k)] if k else events
+    )
     assert 0 <= k <= 5000
     if k > 0:
         assert within.epsilon(DELTA) <= epsilon
