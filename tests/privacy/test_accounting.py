@@ -1,4 +1,4 @@
-"""Accountants: checked against independent computations, at the edges, and in calibration.
+"""Accountants: independent cross-checks, edges, and calibration.
 
 The independent references are written here from the definitions, without
 dp-accounting: the Renyi divergence of the Poisson-sampled Gaussian by numerical
@@ -38,8 +38,8 @@ def sampled_gaussian_rdp(q: float, sigma: float, order: int) -> float:
 def moments_accountant_epsilon(
     q: float, sigma: float, steps: int, delta: float
 ) -> float:
-    """Abadi et al. (2016): eps = min over integer orders of
-    (T * rdp(order) + log(1/delta)) / (order - 1) ... written with lambda = order - 1."""
+    """Abadi et al. (2016)'s moments accountant with lambda = order - 1 in 1..31:
+    eps = min over lambda of (T * alpha(lambda) + log(1/delta)) / lambda."""
     best = math.inf
     for order in range(2, 33):
         moment = steps * sampled_gaussian_rdp(q, sigma, order) * (order - 1)

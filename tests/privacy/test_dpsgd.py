@@ -1,4 +1,4 @@
-"""The DP-SGD step: clipping bound, micro-batching, and the noise's standard deviation."""
+"""The DP-SGD step: clipping bound, micro-batching, and the noise's size."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def test_noiseless_event_makes_epsilon_infinite() -> None:
 
 def test_laplace_under_replace_one_is_refused() -> None:
     ledger = PrivacyLedger("pld", "replace_one", events=[PrivacyEvent("laplace", 1.0)])
-    with pytest.raises(PrivacyError, match="cannot account.*'replace_one'"):
+    with pytest.raises(PrivacyError, match=r"cannot account.*'replace_one'"):
         ledger.epsilon(DELTA)
 
 

@@ -150,7 +150,7 @@ def test_fedavg_client_with_its_own_ledger() -> None:
 def test_batchnorm_model_is_refused() -> None:
     x, y = data()
     m = nn.Sequential(nn.Linear(10, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
-    with pytest.raises(PrivacyError, match="BatchNorm1d.*GroupNorm"):
+    with pytest.raises(PrivacyError, match=r"BatchNorm1d.*GroupNorm"):
         trainer(steps=1).train(m, x, y, torch.Generator())
 
 
