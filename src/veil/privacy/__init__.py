@@ -18,7 +18,7 @@ from veil.privacy.accounting import (
     epsilon_of_event,
     make_accountant,
 )
-from veil.privacy.dpsgd import NoisyGradient, clip_factors, noisy_gradient
+from veil.privacy.dpsgd import ENGINES, NoisyGradient, clip_factors, noisy_gradient
 from veil.privacy.grad_sample import (
     check_model,
     per_example_gradients,
@@ -41,6 +41,7 @@ from veil.privacy.trainer import DPSGDTrainer
 
 __all__ = [
     "ACCOUNTANTS",
+    "ENGINES",
     "LEDGER_FORMAT",
     "Accountant",
     "DPSGDTrainer",

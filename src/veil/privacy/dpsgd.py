@@ -6,6 +6,11 @@ Given one logical batch (a Poisson sample of the data), :func:`noisy_gradient`
    micro-batches of at most ``max_physical_batch`` examples so memory stays bounded;
 2. scales each example's gradient, all trainable parameters taken together, to L2 norm
    at most ``clipping_norm``;
+
+   (for models made of Linear and Conv2d layers, the ``ghost`` engine of
+   :mod:`veil.privacy.ghost` does steps 1 and 2 without holding every per-example
+   gradient, for about the cost of a plain backward pass; ``engine="auto"`` picks it
+   whenever the model qualifies)
 3. sums the clipped gradients over the whole logical batch;
 4. adds one draw of Gaussian noise with standard deviation
    ``noise_multiplier * clipping_norm`` to the sum;
@@ -29,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.errors import PrivacyError
+from veil.privacy.ghost import clipped_sum, unsupported_reason
 from veil.privacy.grad_sample import (
     LossFn,
     check_model,
@@ -37,7 +43,9 @@ from veil.privacy.grad_sample import (
 )
 from veil.privacy.noise import NoiseSource
 
-__all__ = ["NoisyGradient", "clip_factors", "noisy_gradient"]
+__all__ = ["ENGINES", "NoisyGradient", "clip_factors", "noisy_gradient"]
+
+ENGINES = ("auto", "functional", "ghost")
 
 # Added to the norm before dividing, so a zero gradient gets a finite factor.
 _NORM_EPS = 1e-6
@@ -82,6 +90,7 @@ def noisy_gradient(
     noise: NoiseSource,
     max_physical_batch: int = 256,
     loss_fn: LossFn = F.cross_entropy,
+    engine: str = "auto",
 ) -> NoisyGradient:
     """Clip, sum, noise and average the per-example gradients of one logical batch.
 
@@ -97,12 +106,20 @@ def noisy_gradient(
         noise: where the Gaussian noise comes from.
         max_physical_batch: most examples whose gradients are held in memory at
             once, >= 1; default 256. Does not change the result.
-        loss_fn: per-batch loss, default cross-entropy.
+        loss_fn: per-batch loss (mean over the batch), default cross-entropy.
+        engine: how clipped gradients are computed: ``"functional"`` (per-example
+            gradients with ``torch.func``, any model), ``"ghost"`` (Linear and Conv2d
+            models only, faster, see :mod:`veil.privacy.ghost`) or ``"auto"``
+            (default: ghost when the model qualifies). Same result either way.
     """
     _check_step_args(clipping_norm, noise_multiplier, expected_batch_size)
     if max_physical_batch < 1:
         raise PrivacyError(f"max_physical_batch must be >= 1, got {max_physical_batch}")
+    if engine not in ENGINES:
+        raise PrivacyError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     check_model(model)
+    if engine == "auto":
+        engine = "ghost" if unsupported_reason(model) is None else "functional"
     params = trainable_parameters(model)
     if not params:
         raise PrivacyError("model has no trainable parameters (requires_grad=True)")
@@ -116,13 +133,12 @@ def noisy_gradient(
             x[start : start + max_physical_batch],
             y[start : start + max_physical_batch],
         )
-        grads, losses = per_example_gradients(model, xb, yb, loss_fn)
-        flat = [g.reshape(len(xb), -1) for g in grads.values()]
-        norms = torch.linalg.vector_norm(torch.cat(flat, dim=1), dim=1)
-        factors = clip_factors(norms, clipping_norm)
+        parts, norms, losses = _clipped_sum(
+            model, xb, yb, clipping_norm, loss_fn, engine
+        )
+        for name, g in parts.items():
+            sums[name].add_(g)
         clipped += int((norms > clipping_norm).sum())
-        for name, g in grads.items():
-            sums[name].add_(torch.tensordot(factors, g, dims=1))
         loss_sum += losses.sum().to(torch.float64)
 
     # Noise once per logical batch, then average over the expected batch size.
@@ -132,6 +148,27 @@ def noisy_gradient(
             total.add_(noise.normal(total.shape, std, total.dtype))
         total.div_(expected_batch_size)
     return NoisyGradient(sums, len(x), float(loss_sum), clipped)
+
+
+def _clipped_sum(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clipping_norm: float,
+    loss_fn: LossFn,
+    engine: str,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Clipped gradient sum, per-example norms and loss sum of one micro-batch."""
+    if engine == "ghost":
+        return clipped_sum(
+            model, x, y, lambda norms: clip_factors(norms, clipping_norm), loss_fn
+        )
+    grads, losses = per_example_gradients(model, x, y, loss_fn)
+    flat = [g.reshape(len(x), -1) for g in grads.values()]
+    norms = torch.linalg.vector_norm(torch.cat(flat, dim=1), dim=1)
+    factors = clip_factors(norms, clipping_norm)
+    parts = {name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()}
+    return parts, norms, losses.sum()
 
 
 def _check_step_args(

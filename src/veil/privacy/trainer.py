@@ -26,7 +26,7 @@ from torch import nn
 
 from veil.errors import BudgetExceededError, ConfigError
 from veil.learning.local import TrainStats
-from veil.privacy.dpsgd import noisy_gradient
+from veil.privacy.dpsgd import ENGINES, noisy_gradient
 from veil.privacy.ledger import PrivacyEvent, PrivacyLedger
 from veil.privacy.noise import GeneratorNoise, NoiseSource, SecureNoise
 
@@ -61,6 +61,9 @@ class DPSGDTrainer:
         ledger: where each step is recorded (and whose budget is enforced), or
             ``None``. In FedAvg give each client its own (:meth:`with_ledger`).
         source: name written on the ledger's events; default ``"dpsgd"``.
+        engine: how clipped gradients are computed, ``"auto"`` (default),
+            ``"functional"`` or ``"ghost"``; see :func:`~veil.privacy.noisy_gradient`.
+            Does not change the result or the accounting.
     """
 
     lr: float
@@ -75,6 +78,7 @@ class DPSGDTrainer:
     secure_noise: bool = False
     ledger: PrivacyLedger | None = None
     source: str = "dpsgd"
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -104,6 +108,10 @@ class DPSGDTrainer:
         if self.max_physical_batch < 1:
             raise ConfigError(
                 f"max_physical_batch must be >= 1, got {self.max_physical_batch}"
+            )
+        if self.engine not in ENGINES:
+            raise ConfigError(
+                f"engine must be one of {list(ENGINES)}, got {self.engine!r}"
             )
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
@@ -191,6 +199,7 @@ class DPSGDTrainer:
                 expected_batch_size=q * n,
                 noise=noise,
                 max_physical_batch=self.max_physical_batch,
+                engine=self.engine,
             )
             optimizer.zero_grad(set_to_none=True)
             for name, g in result.grads.items():
