@@ -34,7 +34,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.errors import PrivacyError
-from veil.privacy.ghost import clipped_sum, unsupported_reason
+from veil.privacy.ghost import (
+    GhostUnsupportedError,
+    clipped_sum,
+    unsupported_reason,
+)
 from veil.privacy.grad_sample import (
     LossFn,
     check_model,
@@ -118,8 +122,8 @@ def noisy_gradient(
     if engine not in ENGINES:
         raise PrivacyError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     check_model(model)
-    if engine == "auto":
-        engine = "ghost" if unsupported_reason(model) is None else "functional"
+    if engine == "auto" and unsupported_reason(model) is not None:
+        engine = "functional"
     params = trainable_parameters(model)
     if not params:
         raise PrivacyError("model has no trainable parameters (requires_grad=True)")
@@ -159,10 +163,14 @@ def _clipped_sum(
     engine: str,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Clipped gradient sum, per-example norms and loss sum of one micro-batch."""
-    if engine == "ghost":
-        return clipped_sum(
-            model, x, y, lambda norms: clip_factors(norms, clipping_norm), loss_fn
-        )
+    if engine in ("ghost", "auto"):
+        try:
+            return clipped_sum(
+                model, x, y, lambda norms: clip_factors(norms, clipping_norm), loss_fn
+            )
+        except GhostUnsupportedError:
+            if engine == "ghost":
+                raise
     grads, losses = per_example_gradients(model, x, y, loss_fn)
     flat = [g.reshape(len(x), -1) for g in grads.values()]
     norms = torch.linalg.vector_norm(torch.cat(flat, dim=1), dim=1)

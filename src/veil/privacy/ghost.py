@@ -18,7 +18,8 @@ This engine sees the layers through forward hooks, so it only accepts models in 
 every trainable parameter belongs to a ``Linear`` or ``Conv2d`` (groups 1, zero
 padding) that runs once per forward pass, and no parameter is shared between layers.
 :func:`supports` says whether a model qualifies; the DP-SGD step uses this engine when
-it does and ``engine="auto"``, and the ``torch.func`` engine otherwise. Both give the
+it does and ``engine="auto"`` (also when a layer turns out to run twice), and the
+``torch.func`` engine otherwise. Both give the
 same clipped sum up to float rounding (a test holds them to it).
 """
 
@@ -33,9 +34,13 @@ from torch.nn import functional as F
 from veil.errors import PrivacyError
 from veil.privacy.grad_sample import LossFn, check_model, trainable_parameters
 
-__all__ = ["clipped_sum", "supports", "unsupported_reason"]
+__all__ = ["GhostUnsupportedError", "clipped_sum", "supports", "unsupported_reason"]
 
 _Layer = nn.Linear | nn.Conv2d
+
+
+class GhostUnsupportedError(PrivacyError):
+    """The ghost engine cannot handle this model; the functional engine can."""
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -91,7 +96,7 @@ def clipped_sum(
     check_model(model)
     reason = unsupported_reason(model)
     if reason is not None:
-        raise PrivacyError(
+        raise GhostUnsupportedError(
             f"the ghost engine cannot handle this model ({reason}); use "
             "engine='functional'"
         )
@@ -107,7 +112,7 @@ def clipped_sum(
         module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
     ) -> None:
         if module in seen:
-            raise PrivacyError(
+            raise GhostUnsupportedError(
                 f"layer {type(module).__name__} runs twice in one forward pass; use "
                 "engine='functional'"
             )
