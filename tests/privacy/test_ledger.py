@@ -147,3 +147,21 @@ def test_check_raises_before_exceeding() -> None:
 def test_delta_is_required_without_budget() -> None:
     with pytest.raises(PrivacyError, match="delta must be given"):
         PrivacyLedger().epsilon()
+
+
+def test_summary_names_accountant_relation_and_uses() -> None:
+    events = [
+        gaussian(1.0, 0.01, 30),
+        PrivacyEvent("laplace", 5.0),
+        gaussian(1.0, 0.01),
+    ]
+    ledger = PrivacyLedger(
+        "rdp", "add_or_remove_one", PrivacyBudget(8.0, DELTA), events
+    )
+    summary = ledger.summary()
+    assert summary["epsilon"] == ledger.epsilon(DELTA) > 0
+    assert (summary["accountant"], summary["relation"]) == ("rdp", "add_or_remove_one")
+    assert summary["uses"] == {"gaussian": 31, "laplace": 1}
+    assert summary["budget"] == {"epsilon": 8.0, "delta": DELTA}
+    noiseless = PrivacyLedger(events=[gaussian(0.0, 1.0)]).summary(DELTA)
+    assert noiseless["epsilon"] is None

@@ -28,7 +28,7 @@ from veil.privacy.accounting import (
     dpsgd_epsilon,
 )
 
-__all__ = ["app"]
+__all__ = ["app", "calibrate", "epsilon"]
 
 app = typer.Typer(
     name="privacy",

@@ -269,6 +269,24 @@ class PrivacyLedger:
                 budget_delta=self._budget.delta,
             )
 
+    def summary(self, delta: float | None = None) -> dict[str, Any]:
+        """What a report shows: epsilon at ``delta`` (default: the budget's), the
+        accountant, the neighbouring relation, the budget and the number of uses of
+        each mechanism. An infinite epsilon is ``None``."""
+        delta = self._delta(delta)
+        epsilon = self.epsilon(delta)
+        uses: dict[str, int] = {}
+        for e in self._events:
+            uses[e.mechanism] = uses.get(e.mechanism, 0) + e.count
+        return {
+            "epsilon": None if math.isinf(epsilon) else epsilon,
+            "delta": delta,
+            "accountant": self.accountant,
+            "relation": self.relation,
+            "budget": None if self._budget is None else asdict(self._budget),
+            "uses": uses,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The ledger as plain JSON-ready values (see :data:`LEDGER_FORMAT`)."""
         budget = None if self._budget is None else asdict(self._budget)
