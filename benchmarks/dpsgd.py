@@ -3,8 +3,9 @@
 For the tanh CNN and the 2NN, on one batch of 256 MNIST-shaped examples, this measures
 in the same run
 
-- time per step (median over interleaved rounds, so load from other processes hits
-  every variant alike), and
+- time per step: CPU time of this process (all its threads), the median over
+  interleaved rounds, so that other processes sharing the machine change the ratios as
+  little as possible (wall-clock time is printed too), and
 - peak extra memory of a step (resident-set high-water mark of a fresh child process
   during three steps, minus its resident set after setup; Linux only),
 
@@ -134,19 +135,28 @@ def make_step(model_name: str, variant: str) -> Step:
     return opacus_step(model, variant.removeprefix("opacus-"))
 
 
-def time_steps(model_name: str, names: list[str], rounds: int, steps: int) -> dict:
+def time_steps(
+    model_name: str, names: list[str], rounds: int, steps: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median CPU and wall-clock seconds per step of each variant."""
     runners = {v: make_step(model_name, v) for v in names}
     for run in runners.values():  # warm up (lazy initialisation, caches)
         run()
         run()
-    samples: dict[str, list[float]] = {v: [] for v in names}
+    cpu: dict[str, list[float]] = {v: [] for v in names}
+    wall: dict[str, list[float]] = {v: [] for v in names}
     for _ in range(rounds):
         for v, run in runners.items():
-            start = time.perf_counter()
+            start_cpu, start_wall = time.process_time(), time.perf_counter()
             for _ in range(steps):
                 run()
-            samples[v].append((time.perf_counter() - start) / steps)
-    return {v: statistics.median(s) for v, s in samples.items()}
+            cpu[v].append((time.process_time() - start_cpu) / steps)
+            wall[v].append((time.perf_counter() - start_wall) / steps)
+    median = statistics.median
+    return (
+        {v: median(s) for v, s in cpu.items()},
+        {v: median(s) for v, s in wall.items()},
+    )
 
 
 def _status_kb(field: str) -> int:
@@ -191,8 +201,8 @@ def has_opacus() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--no-opacus", action="store_true")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
