@@ -36,7 +36,14 @@ def strided_conv() -> nn.Module:
     return model
 
 
+def frozen_weight() -> nn.Module:
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    model[0].weight.requires_grad_(False)
+    return model
+
+
 CASES = {
+    "frozen-weight": (frozen_weight, (5,), 3),
     "tanh-cnn": (lambda: build_model("tanh-cnn"), (1, 28, 28), 10),
     "2nn": (lambda: build_model("2nn"), (1, 28, 28), 10),
     "sequence": (Sequence, (4, 5), 3),

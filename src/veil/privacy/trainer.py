@@ -19,7 +19,7 @@ owner may see it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ class DPSGDTrainer:
     max_physical_batch: int = 256
     momentum: float = 0.0
     secure_noise: bool = False
-    ledger: PrivacyLedger | None = None
+    ledger: PrivacyLedger | None = field(default=None, compare=False)
     source: str = "dpsgd"
     engine: str = "auto"
 
