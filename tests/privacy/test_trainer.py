@@ -89,6 +89,19 @@ def test_same_seed_same_model_and_batch_size_spellings_agree() -> None:
     torch.testing.assert_close(results[0], results[2])
 
 
+def test_physical_batches_change_neither_model_nor_ledger() -> None:
+    x, y = data()
+    runs = []
+    for physical in (256, 3):
+        ledger, m = PrivacyLedger(), model()
+        trainer(steps=4, max_physical_batch=physical, ledger=ledger).train(
+            m, x, y, torch.Generator().manual_seed(8)
+        )
+        runs.append((params(m), ledger.to_dict()))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
+    assert runs[0][1] == runs[1][1]
+
+
 def test_budget_stops_before_the_step_that_would_exceed_it() -> None:
     x, y = data()
     budget = PrivacyBudget(2.0, 1e-5)
