@@ -11,7 +11,9 @@ Run: ``nice -n 10 python benchmarks/mnist_dpsgd.py`` (tens of minutes on 2 cores
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import time
 import warnings
 
@@ -38,6 +40,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512, help="expected batch size")
     parser.add_argument("--lr", type=float, default=2.0)
     parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument(
+        "--final-lr",
+        type=float,
+        default=None,
+        help="decay the learning rate along a cosine to this value (default: constant)",
+    )
     parser.add_argument("--clipping-norm", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
@@ -79,6 +87,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     accuracy = 0.0
     for epoch in range(1, args.epochs + 1):
+        lr = args.lr
+        if args.final_lr is not None:
+            progress = (epoch - 1) / max(args.epochs - 1, 1)
+            lr = args.final_lr + (args.lr - args.final_lr) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
+        # Post-processing: the learning rate does not touch the accounting.
+        trainer = dataclasses.replace(trainer, lr=lr)
         stats = trainer.train(model, data.train.x, data.train.y, generator)
         accuracy, _ = evaluate(model, data.test.x, data.test.y)
         print(
