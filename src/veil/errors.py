@@ -6,7 +6,14 @@ fix the input without reading veil's code. The CLI maps them to exit codes.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "UpdateError", "VeilError"]
+__all__ = [
+    "BudgetExceededError",
+    "ConfigError",
+    "DataError",
+    "PrivacyError",
+    "UpdateError",
+    "VeilError",
+]
 
 
 class VeilError(Exception):
@@ -23,3 +30,48 @@ class ConfigError(VeilError):
 
 class UpdateError(VeilError):
     """A client update was refused (wrong names or shapes, NaN, zero weight)."""
+
+
+class PrivacyError(VeilError):
+    """A request would break or cannot state a privacy guarantee (a model that mixes
+    examples, an accountant that cannot handle a mechanism, a bad privacy parameter)."""
+
+
+class BudgetExceededError(PrivacyError):
+    """The next use of a mechanism would spend more privacy than the budget allows.
+
+    Raised *before* the offending step runs: everything recorded so far is within the
+    budget. The attributes let a runner report exactly where and why it stopped.
+
+    Attributes:
+        steps_done: steps (mechanism uses) completed in the call that stopped, >= 0.
+        epsilon_spent: epsilon of everything recorded so far, at the budget's delta.
+        epsilon_next: epsilon the ledger would reach with one more step (may be inf).
+        budget_epsilon: the epsilon of the budget.
+        budget_delta: the delta of the budget.
+        result: what the stopped call had produced so far (a ``TrainStats`` for a
+            trainer), or ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        steps_done: int,
+        epsilon_spent: float,
+        epsilon_next: float,
+        budget_epsilon: float,
+        budget_delta: float,
+        result: object = None,
+    ) -> None:
+        self.steps_done = steps_done
+        self.epsilon_spent = epsilon_spent
+        self.epsilon_next = epsilon_next
+        self.budget_epsilon = budget_epsilon
+        self.budget_delta = budget_delta
+        self.result = result
+        super().__init__(
+            f"stopped at step {steps_done} because the next step would exceed the "
+            f"privacy budget epsilon={budget_epsilon:g} at delta={budget_delta:g} "
+            f"(spent {epsilon_spent:.4g}, the next step would reach "
+            f"{epsilon_next:.4g})"
+        )

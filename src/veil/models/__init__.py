@@ -9,15 +9,26 @@
   Opacus's MNIST example): 26,010 parameters.
 
 Models know nothing about privacy; they are built by name with :func:`build_model`.
+:func:`replace_batchnorm` makes a model fit for per-example gradients (DP-SGD) by
+swapping BatchNorm, which mixes the examples of a batch, for GroupNorm, which does not.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "cnn", "mlp_2nn", "num_parameters", "tanh_cnn"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "cnn",
+    "mlp_2nn",
+    "num_parameters",
+    "replace_batchnorm",
+    "tanh_cnn",
+]
 
 
 def mlp_2nn(
@@ -84,3 +95,36 @@ def build_model(name: str) -> nn.Module:
 def num_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def replace_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
+    """Swap every BatchNorm layer of ``model`` for a GroupNorm, in place.
+
+    Each ``BatchNorm{1,2,3}d`` over ``C`` channels becomes ``GroupNorm(g, C)`` with
+    ``g = gcd(num_groups, C)`` groups, keeping its ``eps``, whether it has an affine
+    transform, and that transform's current weight and bias. GroupNorm normalises each
+    example on its own, so the model then has per-example gradients.
+
+    Args:
+        model: the network to change; also returned.
+        num_groups: the most groups per layer, >= 1; default 32 (Wu and He 2018).
+
+    Returns:
+        ``model`` itself (or a GroupNorm if ``model`` is itself a BatchNorm layer).
+    """
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return _group_norm(model, num_groups)
+    for name, child in model.named_children():
+        setattr(model, name, replace_batchnorm(child, num_groups))
+    return model
+
+
+def _group_norm(bn: nn.modules.batchnorm._BatchNorm, num_groups: int) -> nn.GroupNorm:
+    channels = bn.num_features
+    gn = nn.GroupNorm(math.gcd(num_groups, channels), channels, bn.eps, bn.affine)
+    if bn.affine:
+        gn.weight.data.copy_(bn.weight.data)
+        gn.bias.data.copy_(bn.bias.data)
+    return gn

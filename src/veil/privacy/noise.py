@@ -1,0 +1,104 @@
+"""Where DP noise comes from: a seeded generator, or the operating system's CSPRNG.
+
+The DP-SGD step (:mod:`veil.privacy.dpsgd`) draws its Gaussian noise from a
+:class:`NoiseSource`. Two exist:
+
+- :class:`GeneratorNoise` draws from a ``torch.Generator`` (Mersenne Twister). It is
+  fast and makes a run reproducible from its seed, which is what experiments want.
+  It is **not** a secure source: anyone who knows the seed (it is in the run's config)
+  or who can infer the generator's state from enough outputs can recompute the noise
+  and subtract it, which removes the privacy entirely. The first time DP noise is drawn
+  from it in a process, a :class:`InsecureNoiseWarning` says so, once.
+- :class:`SecureNoise` draws uniform bits from ``os.urandom`` (the kernel's CSPRNG) and
+  turns them into Gaussians in float64 with the Box-Muller transform, then rounds to the
+  gradient's dtype. It cannot be replayed from a seed, so runs using it are not
+  reproducible. Cost: about 16 bytes of kernel randomness and a float64 transform per
+  parameter per step; on the models veil ships this is a few milliseconds per step for
+  the 2NN (199,210 parameters) and well under a millisecond for the tanh CNN.
+
+What the secure source does *not* protect against: the floating-point attacks on
+sampled noise (Mironov 2012: the low-order bits of a float Gaussian sample can reveal
+the value it was added to; a fix needs discrete or snapped noise), timing side
+channels, a compromised device or server, and leaks outside the noisy release
+(reported training losses, data-dependent hyperparameter choices).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Protocol
+
+import numpy as np
+import torch
+
+__all__ = ["GeneratorNoise", "InsecureNoiseWarning", "NoiseSource", "SecureNoise"]
+
+_warned = False
+
+
+class InsecureNoiseWarning(UserWarning):
+    """DP noise is drawn from a generator that is not cryptographically secure."""
+
+
+class NoiseSource(Protocol):
+    """Draws Gaussian noise for a DP mechanism."""
+
+    def normal(self, shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` with i.i.d. N(0, ``std``**2) entries."""
+        ...
+
+
+class GeneratorNoise:
+    """Gaussian noise from a seeded ``torch.Generator`` (reproducible, not secure).
+
+    Args:
+        generator: the CPU generator to draw from; its state advances.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def normal(self, shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` with i.i.d. N(0, ``std``**2) entries."""
+        _warn_once()
+        noise = torch.randn(shape, generator=self.generator, dtype=dtype)
+        return noise.mul_(std)
+
+
+class SecureNoise:
+    """Gaussian noise from the operating system's CSPRNG (``os.urandom``).
+
+    Not reproducible. See the module docstring for its cost and its limits.
+    """
+
+    @staticmethod
+    def uniform(n: int) -> np.ndarray:
+        """``n`` float64 uniforms in (0, 1] (53 random bits each, never 0)."""
+        bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return (bits.astype(np.float64) + 1.0) * 2.0**-53
+
+    def normal(self, shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` with i.i.d. N(0, ``std``**2) entries."""
+        n = math.prod(shape)
+        pairs = (n + 1) // 2
+        uniform = self.uniform(2 * pairs)
+        u1, u2 = uniform[:pairs], uniform[pairs:]
+        radius = np.sqrt(-2.0 * np.log(u1))
+        angle = 2.0 * np.pi * u2
+        values = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+        return torch.from_numpy(values * std).to(dtype).reshape(shape)
+
+
+def _warn_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "DP noise is drawn from a seeded torch.Generator, which is not "
+            "cryptographically secure: whoever knows the seed can remove the noise. "
+            "Fine for experiments; for deployment pass secure_noise=True.",
+            InsecureNoiseWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,138 @@
+"""The ghost engine gives the functional engine's clipped sums, and knows its limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from veil.errors import PrivacyError
+from veil.models import build_model
+from veil.privacy import GeneratorNoise, noisy_gradient
+from veil.privacy.ghost import clipped_sum, supports, unsupported_reason
+
+
+class Sequence(nn.Module):
+    """A Linear layer applied to every position of a (B, T, d) input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 6)
+        self.head = nn.Linear(6 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(x)).flatten(1))
+
+
+def strided_conv() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 3, 2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(3 * 1 * 1, 4),
+    )
+    model[4].bias.requires_grad_(False)
+    return model
+
+
+def frozen_weight() -> nn.Module:
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+CASES = {
+    "frozen-weight": (frozen_weight, (5,), 3),
+    "tanh-cnn": (lambda: build_model("tanh-cnn"), (1, 28, 28), 10),
+    "2nn": (lambda: build_model("2nn"), (1, 28, 28), 10),
+    "sequence": (Sequence, (4, 5), 3),
+    "strided-conv": (strided_conv, (2, 6, 6), 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("clipping_norm", [0.05, 1e3])
+def test_ghost_equals_functional(case: str, clipping_norm: float) -> None:
+    make, shape, classes = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    assert supports(model)
+    x, y = torch.randn(9, *shape), torch.randint(0, classes, (9,))
+    results = {
+        engine: noisy_gradient(
+            model,
+            x,
+            y,
+            clipping_norm=clipping_norm,
+            noise_multiplier=0.5,
+            expected_batch_size=8.0,
+            noise=GeneratorNoise(torch.Generator().manual_seed(1)),
+            max_physical_batch=4,
+            engine=engine,
+        )
+        for engine in ("ghost", "functional")
+    }
+    ghost, functional = results["ghost"], results["functional"]
+    assert ghost.grads.keys() == functional.grads.keys()
+    for name, g in functional.grads.items():
+        torch.testing.assert_close(ghost.grads[name], g, rtol=1e-4, atol=1e-6)
+    assert ghost.clipped == functional.clipped
+    assert ghost.loss_sum == pytest.approx(functional.loss_sum, rel=1e-5)
+
+
+def test_clip_sees_the_true_per_example_norms() -> None:
+    torch.manual_seed(2)
+    model = build_model("tanh-cnn")
+    x, y = torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
+    seen = []
+    clipped_sum(model, x, y, lambda n: seen.append(n) or torch.ones_like(n))
+    for i in range(5):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+        assert float(seen[0][i]) == pytest.approx(float(norm), rel=1e-4)
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+def test_unsupported_models_are_named_and_auto_falls_back() -> None:
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    norm = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4))
+    assert "shared with 0.weight" in (unsupported_reason(tied) or "")
+    assert "GroupNorm" in (unsupported_reason(norm) or "")
+    x, y = torch.randn(3, 4), torch.randint(0, 4, (3,))
+    for model in (tied, norm):
+        with pytest.raises(PrivacyError, match="engine='functional'"):
+            clipped_sum(model, x, y, torch.ones_like)
+        auto = noisy_gradient(
+            model,
+            x,
+            y,
+            clipping_norm=1.0,
+            noise_multiplier=0.0,
+            expected_batch_size=3.0,
+            noise=GeneratorNoise(torch.Generator()),
+        )
+        assert auto.batch_size == 3
+    twice = Twice()
+    with pytest.raises(PrivacyError, match="runs twice"):
+        clipped_sum(twice, x, y, torch.ones_like)
+    args = {
+        "clipping_norm": 0.1,
+        "noise_multiplier": 0.0,
+        "expected_batch_size": 3.0,
+        "noise": GeneratorNoise(torch.Generator()),
+    }
+    auto = noisy_gradient(twice, x, y, **args)
+    functional = noisy_gradient(twice, x, y, engine="functional", **args)
+    for name, g in functional.grads.items():
+        torch.testing.assert_close(auto.grads[name], g)
