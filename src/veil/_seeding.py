@@ -23,6 +23,7 @@ class Stream:
     LOCAL_TRAINING = 3
     CENTRALIZED = 4
     STANDALONE = 5
+    CENTRAL_DP = 6
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from veil.commands.privacy import app as privacy_app
 from veil.errors import VeilError
 
 __all__ = ["app"]
@@ -25,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(privacy_app, name="privacy")
 err = Console(stderr=True)
 
 DataDir = Annotated[

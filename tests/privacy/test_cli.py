@@ -48,3 +48,12 @@ def test_bad_input_exits_2_with_a_clear_message() -> None:
     assert "sample_rate must be in (0, 1], got 1.5" in result.stderr
     unknown = runner.invoke(app, ["epsilon", "--accountant", "moments", *BASE])
     assert unknown.exit_code == 2
+
+
+def test_privacy_commands_are_part_of_the_veil_command() -> None:
+    from veil.cli import app as veil_app
+
+    args = ["privacy", "epsilon", "--noise-multiplier", "1.1", *BASE, "--json"]
+    result = runner.invoke(veil_app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["epsilon"] > 0

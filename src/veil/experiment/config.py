@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from veil.data import DATASETS
 from veil.errors import ConfigError
@@ -21,7 +28,9 @@ from veil.models import MODELS
 
 __all__ = [
     "METHOD_NAMES",
+    "CentralDPConfig",
     "CentralizedConfig",
+    "DPConfig",
     "DataConfig",
     "ExperimentConfig",
     "FedAvgConfig",
@@ -34,10 +43,11 @@ __all__ = [
 ]
 
 #: Methods ``veil run`` knows, in the order they run.
-METHOD_NAMES = ("centralized", "standalone", "fedavg")
+METHOD_NAMES = ("centralized", "central-dp", "standalone", "fedavg")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _Section(BaseModel):
@@ -84,11 +94,60 @@ class LocalConfig(_Section):
 
 
 class FedAvgConfig(_Section):
-    """``[fedavg]``: rounds and client fraction C."""
+    """``[fedavg]``: rounds and client fraction C.
+
+    ``local_dp = true`` makes every client train with DP-SGD (settings in ``[dp]``,
+    expected batch size ``local.batch_size``): each client keeps its own privacy
+    ledger and budget, and the guarantee protects one example of one client.
+    """
 
     rounds: PositiveInt = 50
     client_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
     eval_every: PositiveInt = 1
+    local_dp: bool = False
+
+
+class DPConfig(_Section):
+    """``[dp]``: DP-SGD settings for ``central-dp`` and for ``fedavg.local_dp``.
+
+    ``epsilon`` and ``delta`` are the budget, enforced: training stops before the
+    step that would exceed it. Without ``noise_multiplier`` the noise is calibrated
+    so that the planned training spends at most ``epsilon`` (for FedAvg clients, as
+    if every client took part in every round, the worst case).
+    """
+
+    clipping_norm: PositiveFloat = 1.0
+    noise_multiplier: NonNegativeFloat | None = None
+    epsilon: PositiveFloat | None = None
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    accountant: Literal["pld", "rdp"] = "pld"
+    relation: Literal["add_or_remove_one", "replace_one"] = "add_or_remove_one"
+    secure_noise: bool = False
+    engine: Literal["auto", "ghost", "functional"] = "auto"
+    max_physical_batch: PositiveInt = 256
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> DPConfig:
+        if self.noise_multiplier is None and self.epsilon is None:
+            raise ValueError(
+                "give noise_multiplier, epsilon (the budget, from which the noise is "
+                "calibrated) or both"
+            )
+        return self
+
+
+class CentralDPConfig(_Section):
+    """``[central_dp]``: DP-SGD on all clients' data pooled (Abadi et al. 2016).
+
+    ``final_lr``, when given, decays the learning rate from ``lr`` along a cosine to
+    ``final_lr`` over the epochs (post-processing: no effect on the accounting).
+    """
+
+    epochs: PositiveInt = 10
+    expected_batch_size: PositiveInt = 256
+    lr: PositiveFloat = 1.0
+    final_lr: PositiveFloat | None = None
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class CentralizedConfig(_Section):
@@ -123,6 +182,8 @@ class ExperimentConfig(_Section):
     fedavg: FedAvgConfig = FedAvgConfig()
     centralized: CentralizedConfig = CentralizedConfig()
     standalone: StandaloneConfig = StandaloneConfig()
+    dp: DPConfig | None = None
+    central_dp: CentralDPConfig = CentralDPConfig()
 
     @field_validator("methods")
     @classmethod
@@ -133,6 +194,18 @@ class ExperimentConfig(_Section):
         if len(set(v)) != len(v):
             raise ValueError("must not repeat a method")
         return v
+
+    @model_validator(mode="after")
+    def _dp_settings_present(self) -> ExperimentConfig:
+        needs_dp = "central-dp" in self.methods or (
+            "fedavg" in self.methods and self.fedavg.local_dp
+        )
+        if needs_dp and self.dp is None:
+            raise ValueError(
+                "central-dp and fedavg.local_dp need a [dp] section (clipping_norm, "
+                "noise_multiplier and/or epsilon, delta)"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -147,10 +220,14 @@ def _section_keys(loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
         ann = field.annotation if field else None
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
+        # An optional section (``DPConfig | None``) is looked up through its union.
+        options = [ann, *get_args(ann)]
+        sections = [
+            a for a in options if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not sections:
             break
+        model = sections[0]
     return sorted(model.model_fields)
 
 
@@ -164,7 +241,8 @@ def _explain(exc: ValidationError) -> ConfigError:
             lines.append(f"unknown key '{key}'; allowed keys here: {allowed}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"'{key}': {msg}; found {err['input']!r}")
+            found = "" if not loc else f"; found {err['input']!r}"
+            lines.append(f"'{key}': {msg}{found}")
     return ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 

@@ -20,11 +20,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from veil.experiment._dp import read_privacy
 from veil.experiment.rundir import read_metrics
 
 __all__ = ["summarize", "write_report"]
 
 _LABELS = {
+    "central-dp": "Central DP-SGD (pooled data)",
     "fedavg": "FedAvg",
     "centralized": "Centralized (pooled data)",
     "standalone": "Standalone (each client alone)",
@@ -130,9 +132,9 @@ def _plot_bytes(by_method: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     ax.set_ylabel("cumulative MB sent")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     if drawn:
+        ax.legend(fontsize=8)
+        fig.tight_layout()
         fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn
@@ -140,6 +142,64 @@ def _plot_bytes(by_method: dict[str, list[dict[str, Any]]], path: Path) -> bool:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _numbers(values: list[float]) -> str:
+    return ", ".join(f"{v:.4g}" for v in values) or "-"
+
+
+def _privacy_section(
+    privacy: dict[str, dict[str, Any]], by_method: dict[str, list[dict[str, Any]]]
+) -> list[str]:
+    """The privacy spent by each DP method, from its ledgers."""
+    if not privacy:
+        return []
+    lines = [
+        "## Privacy",
+        "",
+        "| method | protects | epsilon | delta | budget | accountant | relation "
+        "| noise multiplier | sample rate | steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    notes = []
+    for method, p in privacy.items():
+        if p.get("clients_trained") == 0:
+            notes.append(f"{_LABELS.get(method, method)}: no client trained.")
+            continue
+        eps = "inf" if p["epsilon"] is None else f"{p['epsilon']:.3f}"
+        protects = "one example"
+        if "worst_client" in p:
+            protects = "one example of one client"
+            eps += f" (worst client; median {p['median_epsilon']:.3f})"
+        budget = p["budget"]
+        budget_text = "none" if budget is None else f"epsilon {budget['epsilon']:g}"
+        lines.append(
+            f"| {_LABELS.get(method, method)} | {protects} | {eps} | {p['delta']:g} "
+            f"| {budget_text} | {p['accountant']} | {p['relation']} "
+            f"| {_numbers(p['noise_multiplier'])} | {_numbers(p['sample_rate'])} "
+            f"| {p['steps']} |"
+        )
+        stops = [r for r in by_method.get(method, []) if r.get("stopped")]
+        if stops:
+            notes.append(
+                f"{_LABELS.get(method, method)} stopped at {stops[0]['axis']} "
+                f"{stops[0]['round']}: the next step would have exceeded the budget."
+            )
+        if "worst_client" in p:
+            notes.append(
+                f"{_LABELS.get(method, method)}: {p['clients_trained']} clients "
+                "trained, each with its own ledger; steps are the worst client's."
+            )
+    lines += [
+        "",
+        "Epsilon is computed from the run's privacy ledgers (`privacy/*.json`) by "
+        "`dp-accounting`. *add_or_remove_one*: the guarantee holds between data sets "
+        "that differ by adding or removing one record.",
+        "",
+        *notes,
+        "",
+    ]
+    return lines
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -196,6 +256,7 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     if has_bytes:
         lines += ["## Communication", "", "![cumulative bytes sent](bytes.png)", ""]
+    lines += _privacy_section(read_privacy(run_dir), by_method)
     lines += [
         "## Config",
         "",

@@ -10,6 +10,9 @@ registered in :data:`METHODS`:
 - ``fedavg``: FedAvg over the simulation runtime (:mod:`veil.learning.fedavg`).
 - ``centralized``: SGD on every client's data pooled on one machine.
 - ``standalone``: every client trains alone on its own data; mean, min and max accuracy.
+- ``central-dp``: DP-SGD on the pooled data (:mod:`veil.experiment._dp`); with
+  ``fedavg.local_dp`` FedAvg's clients train with DP-SGD, one ledger each. Ledgers
+  are written to ``RUN_DIR/privacy/``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from torch import nn
 
 from veil._seeding import Stream, derive_seed, numpy_rng, torch_generator
 from veil.data import FederatedDataset, load_dataset, partition
-from veil.errors import ConfigError
+from veil.errors import BudgetExceededError, ConfigError
+from veil.experiment._dp import client_privacy, run_central_dp, write_ledger
 from veil.experiment.config import METHOD_NAMES, ExperimentConfig, dump_config
 from veil.experiment.report import write_report
 from veil.experiment.rundir import MetricsLog, new_run_dir, save_model
@@ -61,6 +65,7 @@ class RunContext:
     metrics: MetricsLog
     progress: Progress | None = None
     task_ids: dict[str, TaskID] = field(default_factory=dict)
+    run_dir: Path | None = None
 
     def new_model(self) -> nn.Module:
         """The run's model architecture, loaded with the shared initial weights."""
@@ -80,12 +85,14 @@ def run_fedavg(ctx: RunContext) -> StateDict:
     """FedAvg in the simulation runtime, evaluated on the test set every few rounds."""
     cfg = ctx.config
     local = cfg.local
+    privacy = client_privacy(cfg, ctx.client_indices) if cfg.fedavg.local_dp else None
     algorithm = FedAvg(
         global_state=copy.deepcopy(ctx.initial_state),
         num_clients=len(ctx.client_indices),
         client_fraction=cfg.fedavg.client_fraction,
         trainer=SGDTrainer(local.lr, local.epochs, local.batch_size),
         seed=cfg.seed,
+        trainer_for=None if privacy is None else privacy.trainer_for,
     )
     runtime = SimulationRuntime(
         lambda: build_model(cfg.model.name), ctx.dataset.train, ctx.client_indices
@@ -95,7 +102,12 @@ def run_fedavg(ctx: RunContext) -> StateDict:
     up = down = 0
     seconds = 0.0
     for rnd in range(1, cfg.fedavg.rounds + 1):
-        stats = runtime.run_round(algorithm, rnd)
+        try:
+            stats = runtime.run_round(algorithm, rnd)
+        except BudgetExceededError as exc:
+            # A client ran out of budget mid-round: the round is not aggregated.
+            logger.warning("fedavg stopped in round %d: %s", rnd, exc)
+            break
         up += stats.bytes_up
         down += stats.bytes_down
         seconds += stats.seconds
@@ -103,6 +115,7 @@ def run_fedavg(ctx: RunContext) -> StateDict:
             continue
         model.load_state_dict(algorithm.global_state)
         accuracy, loss = evaluate(model, test.x, test.y)
+        privacy_spent = {} if privacy is None else {"epsilon": max(privacy.epsilons())}
         ctx.metrics.log(
             method="fedavg",
             axis="round",
@@ -114,11 +127,14 @@ def run_fedavg(ctx: RunContext) -> StateDict:
             bytes_up=up,
             bytes_down=down,
             seconds=seconds,
+            **privacy_spent,
         )
         logger.info("fedavg round %d: accuracy %.4f", rnd, accuracy)
         ctx.advance("fedavg", rnd, accuracy)
         up = down = 0
         seconds = 0.0
+    if privacy is not None and ctx.run_dir is not None:
+        write_ledger(ctx.run_dir, "fedavg", privacy.ledgers, privacy.delta)
     return algorithm.global_state
 
 
@@ -206,6 +222,7 @@ def run_standalone(ctx: RunContext) -> StateDict:
 MethodFn = Callable[[RunContext], StateDict]
 METHODS: dict[str, MethodFn] = {
     "centralized": run_centralized,
+    "central-dp": run_central_dp,
     "standalone": run_standalone,
     "fedavg": run_fedavg,
 }
@@ -216,6 +233,8 @@ def _method_steps(config: ExperimentConfig, method: str, num_clients: int) -> in
         return config.fedavg.rounds
     if method == "centralized":
         return config.centralized.epochs
+    if method == "central-dp":
+        return config.central_dp.epochs
     cap = config.standalone.max_clients
     return num_clients if cap is None else min(cap, num_clients)
 
@@ -278,7 +297,9 @@ def run_experiment(
             TimeRemainingColumn(),
         )
     with bar as prog:
-        ctx = RunContext(config, dataset, clients, initial_state(config), metrics, prog)
+        ctx = RunContext(
+            config, dataset, clients, initial_state(config), metrics, prog, run_dir=path
+        )
         if prog is not None:
             for m in methods:
                 total = _method_steps(config, m, len(clients))

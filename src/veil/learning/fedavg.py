@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +100,9 @@ class FedAvg:
         client_fraction: C in (0, 1], the fraction of clients per round.
         trainer: the local trainer each client runs.
         seed: the run's seed.
+        trainer_for: the trainer of one client, by id, when clients differ (DP-SGD
+            clients each record into their own privacy ledger); ``None`` (default)
+            gives every client ``trainer``.
     """
 
     global_state: StateDict
@@ -107,6 +110,7 @@ class FedAvg:
     client_fraction: float
     trainer: LocalTrainer
     seed: int = 0
+    trainer_for: Callable[[int], LocalTrainer] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.client_fraction <= 1:
@@ -140,7 +144,12 @@ class FedAvg:
         """Train ``model`` from the task's global state on the client's data."""
         model.load_state_dict(task.global_state)
         generator = torch.Generator().manual_seed(task.seed)
-        stats = self.trainer.train(model, x, y, generator)
+        trainer = (
+            self.trainer
+            if self.trainer_for is None
+            else self.trainer_for(task.client_id)
+        )
+        stats = trainer.train(model, x, y, generator)
         with torch.no_grad():
             update = {
                 name: value.detach() - task.global_state[name]
