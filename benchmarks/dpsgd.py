@@ -10,7 +10,8 @@ in the same run
   during three steps, minus its resident set after setup; Linux only),
 
 for plain SGD, veil's DP-SGD step with each engine (``ghost``: clipped sums from layer
-inputs and output gradients; ``functional``: per-example gradients with ``torch.func``)
+inputs and output gradients; ``functional``: per-example gradients with ``torch.func``;
+``ghost-secure``: ghost with noise from ``os.urandom``, the cost of ``secure_noise``)
 and, when Opacus is installed (``pip install -e '.[bench]'``), Opacus's
 grad-sample modes. It prints each variant's ratio to the plain step; veil's target is
 at most 1.3.
@@ -34,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.models import build_model
-from veil.privacy import GeneratorNoise, noisy_gradient
+from veil.privacy import GeneratorNoise, NoiseSource, SecureNoise, noisy_gradient
 
 __all__ = ["main"]
 
@@ -65,11 +66,13 @@ def plain_step(model: nn.Module) -> Step:
     return step
 
 
-def veil_step(model: nn.Module, engine: str) -> Step:
+def veil_step(model: nn.Module, engine: str, secure: bool = False) -> Step:
     x, y = batch()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     params = dict(model.named_parameters())
-    noise = GeneratorNoise(torch.Generator().manual_seed(1))
+    noise: NoiseSource = (
+        SecureNoise() if secure else GeneratorNoise(torch.Generator().manual_seed(1))
+    )
 
     def step() -> None:
         result = noisy_gradient(
@@ -121,7 +124,7 @@ def opacus_step(model: nn.Module, mode: str) -> Step:
 
 
 def variants(opacus: bool) -> list[str]:
-    names = ["plain", "veil-ghost", "veil-functional"]
+    names = ["plain", "veil-ghost", "veil-ghost-secure", "veil-functional"]
     return names + [f"opacus-{m}" for m in OPACUS_MODES] if opacus else names
 
 
@@ -130,6 +133,8 @@ def make_step(model_name: str, variant: str) -> Step:
     model = build_model(model_name)
     if variant == "plain":
         return plain_step(model)
+    if variant == "veil-ghost-secure":
+        return veil_step(model, "ghost", secure=True)
     if variant.startswith("veil-"):
         return veil_step(model, variant.removeprefix("veil-"))
     return opacus_step(model, variant.removeprefix("opacus-"))

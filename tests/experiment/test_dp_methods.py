@@ -111,3 +111,26 @@ def test_unknown_dp_key_lists_the_allowed_keys(
 ) -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'dp.sigma'.*noise_multiplier"):
         parse_config(tomllib.loads(BASE + "[dp]\nepsilon = 1.0\nsigma = 1.0\n"))
+
+
+def test_budget_stops_fedavg_with_every_client_within_it(
+    tiny_dataset: FederatedDataset, tmp_path: Path
+) -> None:
+    text = BASE.replace('"central-dp", "fedavg"', '"fedavg"').replace(
+        "rounds = 2", "rounds = 6"
+    )
+    config = parse_config(
+        tomllib.loads(
+            text + "[dp]\nnoise_multiplier = 1.5\nepsilon = 2.5\ndelta = 1e-4\n"
+            'accountant = "rdp"\n'
+        )
+    )
+    run_dir = run_experiment(config, run_dir=tmp_path / "run", progress=False)
+
+    rows = _records(run_dir)
+    assert rows[-1]["stopped"] == "budget"
+    assert 1 <= rows[-1]["round"] < 6
+    data = json.loads((run_dir / "privacy" / "fedavg.json").read_text())
+    for raw in data["clients"].values():
+        assert PrivacyLedger.from_dict(raw).epsilon(1e-4) <= 2.5
+    assert "stopped at round" in (run_dir / "report.md").read_text()

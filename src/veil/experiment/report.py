@@ -163,6 +163,12 @@ def _privacy_section(
     ]
     notes = []
     for method, p in privacy.items():
+        stops = [r for r in by_method.get(method, []) if r.get("stopped")]
+        if stops:
+            notes.append(
+                f"{_LABELS.get(method, method)} stopped at {stops[0]['axis']} "
+                f"{stops[0]['round']}: the next step would have exceeded the budget."
+            )
         if p.get("clients_trained") == 0:
             notes.append(f"{_LABELS.get(method, method)}: no client trained.")
             continue
@@ -179,12 +185,6 @@ def _privacy_section(
             f"| {_numbers(p['noise_multiplier'])} | {_numbers(p['sample_rate'])} "
             f"| {p['steps']} |"
         )
-        stops = [r for r in by_method.get(method, []) if r.get("stopped")]
-        if stops:
-            notes.append(
-                f"{_LABELS.get(method, method)} stopped at {stops[0]['axis']} "
-                f"{stops[0]['round']}: the next step would have exceeded the budget."
-            )
         if "worst_client" in p:
             notes.append(
                 f"{_LABELS.get(method, method)}: {p['clients_trained']} clients "

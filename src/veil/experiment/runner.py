@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +49,7 @@ from veil.experiment.report import write_report
 from veil.experiment.rundir import MetricsLog, new_run_dir, save_model
 from veil.learning import FedAvg, SGDTrainer, StateDict, evaluate
 from veil.models import build_model
-from veil.runtime import SimulationRuntime
+from veil.runtime import RoundStats, SimulationRuntime
 
 __all__ = ["METHODS", "RunContext", "run_experiment"]
 
@@ -99,23 +101,12 @@ def run_fedavg(ctx: RunContext) -> StateDict:
     )
     model = ctx.new_model()
     test = ctx.dataset.test
-    up = down = 0
-    seconds = 0.0
-    for rnd in range(1, cfg.fedavg.rounds + 1):
-        try:
-            stats = runtime.run_round(algorithm, rnd)
-        except BudgetExceededError as exc:
-            # A client ran out of budget mid-round: the round is not aggregated.
-            logger.warning("fedavg stopped in round %d: %s", rnd, exc)
-            break
-        up += stats.bytes_up
-        down += stats.bytes_down
-        seconds += stats.seconds
-        if rnd % cfg.fedavg.eval_every and rnd != cfg.fedavg.rounds:
-            continue
+
+    def log(rnd: int, stats: RoundStats, **extra: Any) -> None:
         model.load_state_dict(algorithm.global_state)
         accuracy, loss = evaluate(model, test.x, test.y)
-        privacy_spent = {} if privacy is None else {"epsilon": max(privacy.epsilons())}
+        if privacy is not None:
+            extra["epsilon"] = max(privacy.epsilons())
         ctx.metrics.log(
             method="fedavg",
             axis="round",
@@ -124,18 +115,44 @@ def run_fedavg(ctx: RunContext) -> StateDict:
             loss=loss,
             train_loss=stats.train_loss,
             clients=stats.clients,
-            bytes_up=up,
-            bytes_down=down,
-            seconds=seconds,
-            **privacy_spent,
+            bytes_up=stats.bytes_up,
+            bytes_down=stats.bytes_down,
+            seconds=stats.seconds,
+            **extra,
         )
         logger.info("fedavg round %d: accuracy %.4f", rnd, accuracy)
         ctx.advance("fedavg", rnd, accuracy)
-        up = down = 0
-        seconds = 0.0
+
+    pending: list[RoundStats] = []  # rounds since the last evaluation
+    for rnd in range(1, cfg.fedavg.rounds + 1):
+        try:
+            pending.append(runtime.run_round(algorithm, rnd))
+        except BudgetExceededError as exc:
+            # A client's next step would exceed its budget: this round is not
+            # aggregated and the run ends with the model of the round before.
+            logger.warning("fedavg stopped in round %d: %s", rnd, exc)
+            log(rnd - 1, _merge(pending, rnd - 1), stopped="budget")
+            break
+        if rnd % cfg.fedavg.eval_every == 0 or rnd == cfg.fedavg.rounds:
+            log(rnd, _merge(pending, rnd))
+            pending = []
     if privacy is not None and ctx.run_dir is not None:
         write_ledger(ctx.run_dir, "fedavg", privacy.ledgers, privacy.delta)
     return algorithm.global_state
+
+
+def _merge(rounds: list[RoundStats], rnd: int) -> RoundStats:
+    """Several rounds' stats as one: traffic and time summed, the last round's loss
+    and clients."""
+    last = rounds[-1] if rounds else RoundStats(rnd, 0, 0, 0, math.nan, 0.0)
+    return RoundStats(
+        round=rnd,
+        clients=last.clients,
+        bytes_up=sum(r.bytes_up for r in rounds),
+        bytes_down=sum(r.bytes_down for r in rounds),
+        train_loss=last.train_loss,
+        seconds=sum(r.seconds for r in rounds),
+    )
 
 
 def run_centralized(ctx: RunContext) -> StateDict:
