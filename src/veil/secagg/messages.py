@@ -354,6 +354,10 @@ def decode(data: bytes) -> Message:
 
 
 def _round_config(r: _Reader, rnd: int, party: int) -> RoundConfig:
+    if party != SERVER:
+        raise MessageError(
+            f"a round config is a broadcast (party {SERVER}), got {party}"
+        )
     bits = r.u8()
     if not MIN_BITS <= bits <= MAX_BITS:
         raise MessageError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
