@@ -53,8 +53,8 @@ class SecureSum:
         neighbours: k used (0 for the full graph).
         bytes_up: bytes each client sent, all steps together.
         bytes_down: bytes each client received.
-        client_seconds: time each client spent in its steps.
-        server_seconds: time the server spent in its steps.
+        client_seconds: CPU time each client spent in its steps.
+        server_seconds: CPU time the server spent in its steps.
     """
 
     total: np.ndarray
@@ -89,11 +89,11 @@ class _Round:
         self.server_seconds = 0.0
 
     def server_call(self, fn: Callable[[], T]) -> T:
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             return fn()
         finally:
-            self.server_seconds += time.perf_counter() - start
+            self.server_seconds += time.process_time() - start
 
     def step(self, step: Step, inbox: Mapping[int, bytes]) -> None:
         """Deliver ``inbox`` (client -> server message), collect the answers of the
@@ -106,7 +106,7 @@ class _Round:
             if c in leaving:
                 self.alive.discard(c)
                 continue
-            start = time.perf_counter()
+            start = time.process_time()
             try:
                 answer = _CLIENT_STEPS[step](self.clients[c], message)
             except VeilError as exc:
@@ -115,7 +115,7 @@ class _Round:
                 logger.info("client %d stopped: %s", c, exc)
                 continue
             finally:
-                self.client_seconds[c] += time.perf_counter() - start
+                self.client_seconds[c] += time.process_time() - start
             self.up[c] += len(answer)
             sent = (
                 [(c, answer)]
