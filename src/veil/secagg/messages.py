@@ -37,6 +37,7 @@ __all__ = [
     "AdvertiseKeys",
     "ClientKeys",
     "ForwardedShares",
+    "KeysBroadcast",
     "Kind",
     "MaskedInput",
     "Message",
