@@ -81,7 +81,7 @@ def test_secure_mean_equals_fedavg_mean_of_included_clients(
         for name in STATE:
             got = algorithm.global_state[name] - before[name]
             assert torch.allclose(got, expected[name], atol=1e-6)
-    metrics = algorithm.take_metrics(plain_bytes_up=1000)
+    metrics = algorithm.take_metrics()
     assert metrics["secagg_bytes_up"] > 0 and metrics["secagg_expansion"] > 0
 
 
@@ -90,7 +90,7 @@ def test_round_below_threshold_keeps_the_model() -> None:
     before = algorithm.global_state
     algorithm.aggregate(1, _results(1))
     assert algorithm.global_state is before
-    assert algorithm.take_metrics(1)["secagg_aborted"] == 1
+    assert algorithm.take_metrics()["secagg_aborted"] == 1
 
 
 def test_update_from_another_round_refused() -> None:

@@ -18,8 +18,9 @@ the network. Simulated dropouts are drawn from the run's seed. A round that fall
 below the threshold is not aggregated (the global model is kept) and counted in
 ``secagg_aborted``. Metrics per evaluation: ``secagg_bytes_up`` and
 ``secagg_bytes_down`` (every protocol message, masked vectors included: what clients
-send and receive instead of plain updates), ``secagg_expansion`` (secagg bytes up
-over the plain update bytes), ``secagg_clients`` (inputs in the last sum),
+send and receive instead of plain updates), ``secagg_expansion`` (secagg bytes up,
+dropped clients' messages included, over the plain bytes of the updates that reached
+the sum), ``secagg_clients`` (inputs in the last sum),
 ``secagg_dropped``, ``secagg_aborted`` and ``secagg_seconds``.
 """
 
@@ -37,7 +38,7 @@ import torch
 from veil._seeding import numpy_rng
 from veil.errors import ConfigError, RoundAbortedError, SecAggError, UpdateError
 from veil.experiment.config import ExperimentConfig, SecAggConfig
-from veil.learning import ClientResult, FedAvg, StateDict, check_update
+from veil.learning import ClientResult, FedAvg, StateDict, check_update, encoded_size
 from veil.secagg import (
     FixedPoint,
     SecureSum,
@@ -208,11 +209,12 @@ class SecureFedAvg(FedAvg):
             result.server_seconds + sum(result.client_seconds.values()),
         )
         self._totals["secagg_clients"] = len(result.included)
+        update_bytes = encoded_size(self.global_state)  # one plain update
+        self._add("secagg_plain_bytes", len(result.included) * update_bytes)
         self.last_included = result.included
 
-    def take_metrics(self, plain_bytes_up: int) -> dict[str, Any]:
-        """The secure aggregation metrics since the last call, for a metrics record
-        whose (plain update) ``bytes_up`` is ``plain_bytes_up``."""
+    def take_metrics(self) -> dict[str, Any]:
+        """The secure aggregation metrics since the last call."""
         totals, self._totals = self._totals, {}
         out: dict[str, Any] = {
             "secagg_bytes_up": int(totals.get("secagg_bytes_up", 0)),
@@ -222,8 +224,8 @@ class SecureFedAvg(FedAvg):
             "secagg_aborted": int(totals.get("secagg_aborted", 0)),
             "secagg_seconds": float(totals.get("secagg_seconds", 0.0)),
         }
-        up = out["secagg_bytes_up"]
-        out["secagg_expansion"] = up / plain_bytes_up if plain_bytes_up else math.nan
+        plain = totals.get("secagg_plain_bytes", 0)
+        out["secagg_expansion"] = out["secagg_bytes_up"] / plain if plain else math.nan
         return out
 
 

@@ -113,7 +113,7 @@ def run_fedavg(ctx: RunContext) -> StateDict:
         if privacy is not None:
             extra["epsilon"] = max(privacy.epsilons())
         if isinstance(algorithm, SecureFedAvg):
-            extra.update(algorithm.take_metrics(stats.bytes_up))
+            extra.update(algorithm.take_metrics())
         ctx.metrics.log(
             method="fedavg",
             axis="round",
