@@ -152,6 +152,11 @@ def test_server_refuses_calls_after_an_abort() -> None:
         server.finish_share_keys()
 
 
+def test_a_sum_of_one_client_is_refused() -> None:
+    with pytest.raises(SecAggError, match="at least 2 clients"):
+        SecAggServer(0, [4], 3, 16, threshold=1)
+
+
 @pytest.mark.parametrize("threshold", [1, 2, 6])
 def test_threshold_must_be_more_than_half_the_holders(threshold: int) -> None:
     with pytest.raises(SecAggError, match="threshold must be in \\[3, 5\\]"):

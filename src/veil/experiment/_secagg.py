@@ -82,6 +82,12 @@ class SecureFedAvg(FedAvg):
                     f"secure aggregation sums floating-point tensors only; tensor "
                     f"{name!r} is {t.dtype}"
                 )
+        if self.clients_per_round < 2:
+            raise ConfigError(
+                "secure aggregation needs at least 2 clients per round (the sum of "
+                f"one is its update), got {self.clients_per_round}; raise "
+                "fedavg.client_fraction"
+            )
         if self.max_examples < 1:
             raise ConfigError(f"max_examples must be >= 1, got {self.max_examples}")
         try:

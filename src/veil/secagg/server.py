@@ -91,13 +91,18 @@ class SecAggServer:
         graph_seed: bytes | None = None,
     ) -> None:
         ids = tuple(sorted(set(clients)))
+        if len(ids) < 2:
+            raise SecAggError(
+                f"a secure sum needs at least 2 clients (the sum of one is its input), "
+                f"got {len(ids)}"
+            )
         if length < 1:
             raise SecAggError(f"length must be >= 1, got {length}")
         dtype_for_bits(bits)
         seed = os.urandom(KEY_BYTES) if graph_seed is None else graph_seed
         self.graph = neighbour_graph(ids, neighbours, seed)
-        holders = min(len(v) for v in self.graph.values()) + 1 if ids else 0
-        if not ids or not min_threshold(holders) <= threshold <= holders:
+        holders = min(len(v) for v in self.graph.values()) + 1
+        if not min_threshold(holders) <= threshold <= holders:
             raise SecAggError(
                 f"threshold must be in [{min_threshold(holders)}, {holders}] for "
                 f"{holders} share holders per client (more than half), got "
