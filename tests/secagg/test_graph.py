@@ -71,3 +71,12 @@ def test_degree_grows_with_dropouts_and_falls_back_to_full() -> None:
     assert 500 * shortfall_probability(k + 1, t, 0.1) <= 1e-3
     with pytest.raises(SecAggError, match="dropout_rate"):
         choose_degree(10, 1.0)
+
+
+def test_one_clients_neighbours_match_the_graph() -> None:
+    from veil.secagg.graph import neighbours_of
+
+    ids = list(range(0, 60, 3))
+    for k in (0, 4, 18):
+        graph = neighbour_graph(ids, k, b"\x07" * 32)
+        assert all(neighbours_of(c, ids, k, b"\x07" * 32) == graph[c] for c in ids)

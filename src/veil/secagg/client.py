@@ -47,7 +47,7 @@ from veil.secagg.crypto import (
     seal,
 )
 from veil.secagg.fixedpoint import dtype_for_bits
-from veil.secagg.graph import min_threshold, neighbour_graph
+from veil.secagg.graph import min_threshold, neighbours_of
 from veil.secagg.messages import (
     AdvertiseKeys,
     ClientKeys,
@@ -87,6 +87,7 @@ class SecAggClient:
         self._peers: dict[int, ClientKeys] = {}
         self._held: dict[int, tuple[int, int]] = {}  # client -> (seed, key) shares
         self._senders: frozenset[int] = frozenset()
+        self._box_keys: dict[int, bytes] = {}  # neighbour -> key sealing shares
 
     def _advance(self, step: Step) -> None:
         if self._next != step:
@@ -129,10 +130,10 @@ class SecAggClient:
             )
         if config.bits < 8 * dtype.itemsize and int(v.max(initial=0)) >> config.bits:
             raise SecAggError(f"input values must be < 2**{config.bits}")
-        self._graph = neighbour_graph(
-            config.clients, config.neighbours, config.graph_seed
+        self._neighbours = neighbours_of(
+            self.client_id, config.clients, config.neighbours, config.graph_seed
         )
-        holders = len(self._graph[self.client_id]) + 1
+        holders = len(self._neighbours) + 1
         if not min_threshold(holders) <= config.threshold <= holders:
             raise SecAggError(
                 f"threshold must be in [{min_threshold(holders)}, {holders}] for "
@@ -160,9 +161,7 @@ class SecAggClient:
         self._held[me] = (seed_shares[me], key_shares[me])
         ciphertexts = []
         for peer in sorted(self._peers):
-            key = share_key(
-                self._seal_key, self._peers[peer].encryption_key, cfg.round, me, peer
-            )
+            key = self._box_key(peer)
             plain = pack_shares(
                 me, peer, cfg.round, seed_shares[peer], key_shares[peer]
             )
@@ -179,7 +178,7 @@ class SecAggClient:
             public_bytes(self._mask_key),
         ):
             raise MessageError(f"client {me}: its own keys are missing or altered")
-        unknown = set(by_client) - self._graph[me] - {me}
+        unknown = set(by_client) - self._neighbours - {me}
         if unknown:
             raise MessageError(
                 f"keys of clients {sorted(unknown)} who are not neighbours"
@@ -188,6 +187,18 @@ class SecAggClient:
         if len(set(published)) != len(published):
             raise MessageError("two advertised public keys are equal (a replay)")
         self._peers = {c: k for c, k in by_client.items() if c != me}
+
+    def _box_key(self, peer: int) -> bytes:
+        """The key sealing shares between this client and ``peer`` (both ways)."""
+        if peer not in self._box_keys:
+            self._box_keys[peer] = share_key(
+                self._seal_key,
+                self._peers[peer].encryption_key,
+                self.config.round,
+                self.client_id,
+                peer,
+            )
+        return self._box_keys[peer]
 
     def masked_input(self, forwarded: bytes) -> bytes:
         """Open the neighbours' shares; answer with the masked input vector."""
@@ -202,9 +213,7 @@ class SecAggClient:
         complaints = []
         for u, blob in msg.ciphertexts:
             try:
-                key = share_key(
-                    self._seal_key, self._peers[u].encryption_key, cfg.round, me, u
-                )
+                key = self._box_key(u)
                 plain = open_sealed(key, blob, share_associated_data(cfg.round, u, me))
                 self._held[u] = unpack_shares(plain, u, me, cfg.round)
             except MessageError as exc:
@@ -264,4 +273,5 @@ class SecAggClient:
             else:
                 shares.append((u, SecretKind.MASK_KEY, key_share))
         self._held.clear()
+        self._box_keys.clear()
         return UnmaskShares(cfg.round, me, tuple(shares)).encode()

@@ -25,6 +25,7 @@ __all__ = [
     "choose_degree",
     "min_threshold",
     "neighbour_graph",
+    "neighbours_of",
     "shortfall_probability",
     "threshold_for",
 ]
@@ -41,25 +42,42 @@ def neighbour_graph(
             graph.
         seed: public random bytes fixing the ring order (SecAgg+ only).
     """
+    ring = _ring(clients, neighbours, seed)
+    return {c: _near(ring, pos, neighbours) for pos, c in enumerate(ring)}
+
+
+def neighbours_of(
+    client: int, clients: Sequence[int], neighbours: int, seed: bytes
+) -> frozenset[int]:
+    """One client's neighbours in :func:`neighbour_graph` (in O(n), not O(n k))."""
+    ring = _ring(clients, neighbours, seed)
+    if client not in ring:
+        raise SecAggError(f"client {client} is not among the clients")
+    return _near(ring, ring.index(client), neighbours)
+
+
+def _ring(clients: Sequence[int], neighbours: int, seed: bytes) -> list[int]:
+    """The clients in ring order: sorted for the full graph, else shuffled by the
+    seed."""
     ids = sorted(set(clients))
     if len(ids) != len(clients):
         raise SecAggError("clients must be distinct ids")
-    n = len(ids)
-    if neighbours == 0 or neighbours >= n - 1:
-        everyone = frozenset(ids)
-        return {c: everyone - {c} for c in ids}
+    if neighbours == 0 or neighbours >= len(ids) - 1:
+        return ids
     if neighbours < 2 or neighbours % 2:
         raise SecAggError(
             f"neighbours must be 0 (full graph) or an even number >= 2, got "
             f"{neighbours}"
         )
-    order = np.random.default_rng(list(seed)).permutation(ids)
+    return [int(c) for c in np.random.default_rng(list(seed)).permutation(ids)]
+
+
+def _near(ring: list[int], pos: int, neighbours: int) -> frozenset[int]:
+    n = len(ring)
+    if neighbours == 0 or neighbours >= n - 1:
+        return frozenset(ring[:pos] + ring[pos + 1 :])
     half = neighbours // 2
-    graph = {}
-    for pos, c in enumerate(order):
-        near = {int(order[(pos + d) % n]) for d in range(-half, half + 1) if d}
-        graph[int(c)] = frozenset(near)
-    return graph
+    return frozenset(ring[(pos + d) % n] for d in range(-half, half + 1) if d)
 
 
 def min_threshold(holders: int) -> int:

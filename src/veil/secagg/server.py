@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -405,11 +405,7 @@ class SecAggServer:
         holders = sorted(shares)
         if len(holders) < t:
             return None
-        subsets = [holders[:t]]
-        if len(holders) > t:
-            rng = random.Random(u)
-            subsets += [sorted(rng.sample(holders, t)) for _ in range(_MAX_SUBSETS)]
-        for i, subset in enumerate(subsets):
+        for i, subset in enumerate(self._subsets(u, holders, t)):
             try:
                 secret = reconstruct({h: shares[h] for h in subset}, t)
             except SecAggError:
@@ -419,6 +415,15 @@ class SecAggServer:
                     self._drop_liars(u, subset, shares)
                 return secret
         return None
+
+    @staticmethod
+    def _subsets(u: int, holders: list[int], t: int) -> Iterator[list[int]]:
+        """The first ``t`` holders, then (only if asked for) random subsets."""
+        yield holders[:t]
+        if len(holders) > t:
+            rng = random.Random(u)
+            for _ in range(_MAX_SUBSETS):
+                yield sorted(rng.sample(holders, t))
 
     def _drop_liars(self, u: int, subset: list[int], shares: dict[int, int]) -> None:
         points = {holder_x(h): shares[h] for h in subset}
