@@ -47,7 +47,15 @@ class MessageError(SecAggError):
 
 class RoundAbortedError(SecAggError):
     """Too few clients are left for the secure aggregation round to finish: no sum is
-    returned and nothing about any one client's update is revealed."""
+    returned and nothing about any one client's update is revealed.
+
+    Attributes:
+        bytes_up: bytes the clients had sent when the round stopped (0 if unknown).
+        bytes_down: bytes the clients had received.
+    """
+
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
 class PrivacyError(VeilError):

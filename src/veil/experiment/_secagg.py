@@ -186,6 +186,8 @@ class SecureFedAvg(FedAvg):
         except RoundAbortedError as exc:
             logger.warning("round %d not aggregated: %s", rnd, exc)
             self._add("secagg_aborted", 1)
+            self._add("secagg_bytes_up", exc.bytes_up)
+            self._add("secagg_bytes_down", exc.bytes_down)
             return
         mean = self.mean_update(result)
         self.global_state = {

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from veil.errors import SecAggError, VeilError
+from veil.errors import RoundAbortedError, SecAggError, VeilError
 from veil.secagg._common import Step
 from veil.secagg.client import SecAggClient
 from veil.secagg.graph import neighbour_graph, threshold_for
@@ -184,11 +184,15 @@ def secure_sum(
     config = server.round_config()
 
     # advertise keys, share keys, masked input, unmasking
-    run.step(Step.ADVERTISE_KEYS, dict.fromkeys(ids, config))
-    run.step(Step.SHARE_KEYS, run.server_call(server.finish_advertise_keys))
-    run.step(Step.MASKED_INPUT, run.server_call(server.finish_share_keys))
-    run.step(Step.UNMASKING, run.server_call(server.finish_masked_input))
-    total = run.server_call(server.finish_unmasking)
+    try:
+        run.step(Step.ADVERTISE_KEYS, dict.fromkeys(ids, config))
+        run.step(Step.SHARE_KEYS, run.server_call(server.finish_advertise_keys))
+        run.step(Step.MASKED_INPUT, run.server_call(server.finish_share_keys))
+        run.step(Step.UNMASKING, run.server_call(server.finish_masked_input))
+        total = run.server_call(server.finish_unmasking)
+    except RoundAbortedError as exc:
+        exc.bytes_up, exc.bytes_down = sum(run.up.values()), sum(run.down.values())
+        raise
     return SecureSum(
         total=total,
         included=server.included,
