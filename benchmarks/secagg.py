@@ -16,7 +16,7 @@ How a cell is measured (column ``how``):
 
 - ``run``: the whole protocol is run at d (every byte and CPU second is real);
 - ``split``: the protocol is run at d = 1, and the cost that grows with d is added
-  from timings taken in the same run at d (:func:`mask_costs`): the CPU time of one
+  from timings taken just before the cell at d (:func:`mask_costs`): the CPU time of one
   mask (ChaCha20 keystream, added to the vector) times the masks each client
   expanded in the d = 1 run, and for the server the time of one masked input
   (decoded, added, self mask removed) times the inputs, plus one mask per pairwise
@@ -204,16 +204,22 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="validate split cells")
     args = parser.parse_args()
 
-    timings = {d: mask_costs(d) for d in args.d}
+    # Warm the allocator: once a large block is freed, glibc serves later large
+    # blocks from its heap instead of fresh (faulting) pages. Every cell is then
+    # measured in that state; a cold process pays about twice the CPU for its first
+    # large masks.
+    np.ones(3 * max(args.d), np.uint32).sum()
     print(HEADER, flush=True)
     for n in args.n:
         for rate in args.dropout:
             for d in args.d:
+                # calibrated next to the cell: load from other processes drifts
+                timing = mask_costs(d)
                 base = plain(n, d, np.random.default_rng(0))
                 print(row("plain", n, d, rate, base, base, ""), flush=True)
                 for mode in ("secagg", "secagg+"):
                     k = 0 if mode == "secagg" else choose_degree(n, rate)
-                    cost = cell(n, d, rate, k, args.run_budget, timings[d], args.check)
+                    cost = cell(n, d, rate, k, args.run_budget, timing, args.check)
                     print(row(mode, n, d, rate, cost[0], base, cost[1]), flush=True)
 
 
