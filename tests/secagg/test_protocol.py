@@ -270,3 +270,46 @@ def test_steps_run_once_and_in_order() -> None:
         SecAggError, match="cannot run SHARE_KEYS now; it expects ADVERTISE_KEYS"
     ):
         client.share_keys(b"")
+
+
+class ClientZeroView:
+    """What the server receives about client 0: its masked input and the shares of
+    its secrets revealed to it."""
+
+    def __init__(self) -> None:
+        self.masked = np.zeros(0, np.uint16)
+        self.seed_shares: dict[int, int] = {}
+
+    def __call__(self, step: Step, sender: int, data: bytes) -> list[tuple[int, bytes]]:
+        message = decode(data)
+        if step == Step.MASKED_INPUT and sender == 0:
+            self.masked = message.vector  # type: ignore[union-attr]
+        if step == Step.UNMASKING:
+            for client, kind, share in message.shares:  # type: ignore[union-attr]
+                if client == 0:
+                    assert kind == SecretKind.SELF_MASK_SEED
+                    self.seed_shares[sender] = share
+        return [(sender, data)]
+
+
+def test_what_the_server_can_unmask_of_one_client_is_still_uniform() -> None:
+    """With its whole view of client 0 the server removes client 0's self mask (as it
+    must, for the sum); what remains is still hidden by the pairwise masks: uniform
+    whatever the update."""
+    from veil.secagg._common import self_mask
+    from veil.secagg.shamir import reconstruct
+
+    length, bits = 40_000, 16
+    seen = []
+    for value in (0, 2**bits - 1):
+        inputs = {
+            c: np.full(length, value if c == 0 else 7, np.uint16) for c in range(4)
+        }
+        view = ClientZeroView()
+        result = secure_sum(inputs, bits, round=9, intercept=view)
+        seed = reconstruct(view.seed_shares, result.threshold)
+        rest = view.masked - self_mask(seed, 9, length, bits)
+        counts = np.bincount(rest >> 8, minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4
+        seen.append(counts)
+    assert stats.chi2_contingency(np.array(seen)).pvalue > 1e-4
