@@ -62,7 +62,9 @@ def clopper_pearson_upper(errors: int, trials: int, alpha: float) -> float:
     """One-sided upper ``1 - alpha`` Clopper-Pearson bound on a rate seen as
     ``errors`` out of ``trials``."""
     if not 0 <= errors <= trials or trials < 1:
-        raise VeilError(f"need 0 <= errors <= trials, trials >= 1, got {errors}/{trials}")
+        raise VeilError(
+            f"need 0 <= errors <= trials and trials >= 1, got {errors}/{trials}"
+        )
     if errors == trials:
         return 1.0
     return float(stats.beta.ppf(1 - alpha, errors + 1, trials - errors))
@@ -130,18 +132,22 @@ def _rates(inside: np.ndarray, outside: np.ndarray, t: float) -> tuple[int, int]
     return int((outside > t).sum()), int((inside <= t).sum())
 
 
-def _best_threshold(inside: np.ndarray, outside: np.ndarray, delta: float) -> float:
-    """The threshold whose rates (with +1 smoothing) prove the most epsilon."""
+def _best_threshold(
+    inside: np.ndarray, outside: np.ndarray, delta: float, alpha: float
+) -> float:
+    """The threshold whose Clopper-Pearson rates prove the most epsilon here."""
     candidates = np.unique(np.concatenate([inside, outside]))
-    best, best_eps = float(candidates[0]), -1.0
-    for t in candidates:
-        fp, fn = _rates(inside, outside, float(t))
-        eps = epsilon_from_rates(
-            (fp + 1) / (len(outside) + 2), (fn + 1) / (len(inside) + 2), delta
-        )
-        if eps > best_eps:
-            best, best_eps = float(t), eps
-    return best
+    fp = (outside[None, :] > candidates[:, None]).sum(1)
+    fn = (inside[None, :] <= candidates[:, None]).sum(1)
+    fpr = _cp_upper(fp, len(outside), alpha)
+    fnr = _cp_upper(fn, len(inside), alpha)
+    eps = [epsilon_from_rates(a, b, delta) for a, b in zip(fpr, fnr, strict=True)]
+    return float(candidates[int(np.argmax(eps))])
+
+
+def _cp_upper(errors: np.ndarray, trials: int, alpha: float) -> np.ndarray:
+    bound = stats.beta.ppf(1 - alpha, errors + 1, np.maximum(trials - errors, 1))
+    return np.where(errors >= trials, 1.0, bound)
 
 
 def audit_epsilon(
@@ -181,10 +187,10 @@ def audit_epsilon(
         for present in (False, True)
     }
     half = trials // 2
-    t = _best_threshold(runs[True][:half], runs[False][:half], delta)
+    alpha = (1 - confidence) / 2  # both rates bounded at once
+    t = _best_threshold(runs[True][:half], runs[False][:half], delta, alpha)
     inside, outside = runs[True][half:], runs[False][half:]
     fp, fn = _rates(inside, outside, t)
-    alpha = (1 - confidence) / 2  # both rates bounded at once
     bound = epsilon_from_rates(
         clopper_pearson_upper(fp, len(outside), alpha),
         clopper_pearson_upper(fn, len(inside), alpha),

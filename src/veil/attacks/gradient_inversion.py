@@ -25,6 +25,7 @@ read from the gradient; use ``dlg``, which optimises them).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -191,10 +192,14 @@ def _release_model(
     for i in range(len(x)):
         loss = F.cross_entropy(model(x[i : i + 1]), targets[i : i + 1], reduction="sum")
         grads = torch.autograd.grad(loss, plist, create_graph=True)
-        norm = torch.sqrt(sum((g * g).sum() for g in grads) + 1e-12)
+        norm = torch.sqrt(_sum((g * g).sum() for g in grads) + 1e-12)
         factor = torch.clamp(config.clipping_norm / norm, max=1.0)
         total = [t + factor * g for t, g in zip(total, grads, strict=True)]
     return [config.gradient_scale * t for t in total]
+
+
+def _sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(terms)).sum()
 
 
 def _match_loss(
@@ -207,10 +212,11 @@ def _match_loss(
         predicted = [p[m] for p, m in zip(predicted, masks, strict=True)]
         observed = [o[m] for o, m in zip(observed, masks, strict=True)]
     if match == "euclidean":
-        return sum(((p - o) ** 2).sum() for p, o in zip(predicted, observed, strict=True))
-    dot = sum((p * o).sum() for p, o in zip(predicted, observed, strict=True))
-    norm_p = torch.sqrt(sum((p * p).sum() for p in predicted) + 1e-12)
-    norm_o = torch.sqrt(sum((o * o).sum() for o in observed) + 1e-12)
+        pairs = zip(predicted, observed, strict=True)
+        return _sum(((p - o) ** 2).sum() for p, o in pairs)
+    dot = _sum((p * o).sum() for p, o in zip(predicted, observed, strict=True))
+    norm_p = torch.sqrt(_sum((p * p).sum() for p in predicted) + 1e-12)
+    norm_o = torch.sqrt(_sum((o * o).sum() for o in observed) + 1e-12)
     return 1 - dot / (norm_p * norm_o)
 
 
@@ -254,11 +260,11 @@ def _one_start(
             loss = loss + config.tv_weight * _total_variation(x)
         return loss
 
-    def closure() -> torch.Tensor:
+    def closure() -> float:
         opt.zero_grad()
         loss = objective()
         loss.backward()
-        return loss
+        return float(loss.detach())
 
     for _ in range(config.iterations):
         opt.step(closure)

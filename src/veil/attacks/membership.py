@@ -6,10 +6,13 @@ means "member"), scored with :func:`veil.attacks.metrics.membership_metrics`:
 - :func:`loss_threshold_scores` (Yeom et al. 2018): the negative loss. Training
   examples tend to have lower loss than unseen ones, the more so the more the model
   overfits.
-- :func:`calibrated_scores` (difficulty calibration, Watson et al. 2022): the mean loss
-  of reference models that did not train on the example, minus the target's loss.
-  Examples that are hard for every model no longer look like non-members, and easy
-  ones no longer look like members.
+- :func:`calibrated_scores` (difficulty calibration, Watson et al. 2022): how much
+  more confident the target is on the example than reference models that did not
+  train on it. Examples that are hard for every model no longer look like
+  non-members, and easy ones no longer look like members. By default confidences are
+  compared on the logit scale ``log(p / (1 - p))`` of the true class's probability
+  ``p``, as in the offline attack of Carlini et al. (2022), which spreads out the
+  confidences near 1 where members of an overfit model sit.
 
 :func:`membership_report` puts the measured power beside what the model's epsilon
 allows (:func:`~veil.attacks.metrics.dp_advantage_bound`,
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,15 +69,27 @@ def loss_threshold_scores(losses: np.ndarray) -> np.ndarray:
     return -np.asarray(losses, dtype=np.float64)
 
 
+def _logit_confidence(losses: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` of ``p = exp(-loss)``, stable for losses near 0."""
+    losses = np.maximum(losses, 1e-12)
+    return -losses - np.log(-np.expm1(-losses))
+
+
 def calibrated_scores(
-    target_losses: np.ndarray, reference_losses: np.ndarray
+    target_losses: np.ndarray,
+    reference_losses: np.ndarray,
+    scale: Literal["logit", "loss"] = "logit",
 ) -> np.ndarray:
-    """Difficulty-calibrated score: mean reference loss minus the target's loss.
+    """Difficulty-calibrated score: the target's confidence minus the references'.
 
     Args:
-        target_losses: each example's loss under the attacked model, shape ``(N,)``.
+        target_losses: each example's cross-entropy under the attacked model, shape
+            ``(N,)``.
         reference_losses: the same examples' losses under ``R >= 1`` reference models
             trained without them, shape ``(R, N)``.
+        scale: ``"logit"`` (default) compares ``log(p / (1 - p))`` of the true
+            class's probability; ``"loss"`` compares losses (mean reference loss
+            minus target loss, Watson et al. 2022).
     """
     target = np.asarray(target_losses, dtype=np.float64)
     ref = np.atleast_2d(np.asarray(reference_losses, dtype=np.float64))
@@ -83,7 +98,11 @@ def calibrated_scores(
             f"reference_losses must have shape (R, {len(target)}) with R >= 1, got "
             f"{ref.shape}"
         )
-    return ref.mean(axis=0) - target
+    if scale == "loss":
+        return ref.mean(axis=0) - target
+    if scale != "logit":
+        raise VeilError(f"scale must be 'logit' or 'loss', got {scale!r}")
+    return _logit_confidence(target) - _logit_confidence(ref).mean(axis=0)
 
 
 @dataclass(frozen=True)
@@ -108,11 +127,13 @@ class MembershipReport:
 
     @property
     def within_bound(self) -> bool:
-        """Whether the measured advantage and low-FPR TPR respect the bounds."""
-        return (
-            self.metrics.advantage <= self.advantage_bound
-            and self.metrics.tpr_at_low_fpr <= self.tpr_bound
-        )
+        """Whether the measured advantage is at most the bound.
+
+        A point estimate, without a confidence interval; the TPR at low FPR is not
+        compared, since estimating it needs far more than ``1 / low_fpr``
+        non-members.
+        """
+        return self.metrics.advantage <= self.advantage_bound
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (an infinite epsilon becomes ``None``)."""

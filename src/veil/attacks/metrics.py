@@ -145,9 +145,7 @@ def _check_scores(scores: np.ndarray, members: np.ndarray) -> None:
         )
 
 
-def roc_curve(
-    scores: np.ndarray, members: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def roc_curve(scores: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """FPR and TPR of the test "member if score >= t" for every distinct ``t``.
 
     Starts at (0, 0) (no one called a member) and ends at (1, 1); equal scores are

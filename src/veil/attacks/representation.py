@@ -1,4 +1,4 @@
-"""Representation inversion: rebuilding a user's input from what private inference sends.
+"""Representation inversion: rebuilding an input from what private inference sends.
 
 In private inference the phone runs the device part of the model, perturbs the
 representation and sends it to the cloud. An attacker who knows the device part (it
@@ -57,10 +57,12 @@ def laplace_perturbation(bound: float, epsilon: float) -> Perturbation:
         norms = flat.abs().sum(1, keepdim=True)
         clipped = flat * torch.clamp(bound / (norms + 1e-12), max=1.0)
         if scale > 0:
-            u = torch.rand(clipped.shape, generator=generator, dtype=clipped.dtype)
-            # Inverse CDF of the Laplace distribution, u in [0, 1).
-            u = u.clamp(min=1e-12) - 0.5
-            clipped = clipped - scale * u.sign() * torch.log1p(-2 * u.abs())
+            # Inverse CDF of the Laplace distribution, in float64 so that the
+            # tails stay finite.
+            u = torch.rand(clipped.shape, generator=generator, dtype=torch.float64)
+            u = u.clamp(min=1e-15) - 0.5
+            noise = -scale * u.sign() * torch.log1p(-2 * u.abs())
+            clipped = clipped + noise.to(clipped.dtype)
         return clipped.reshape(rep.shape)
 
     return perturb

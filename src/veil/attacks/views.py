@@ -37,8 +37,8 @@ from veil.privacy import GeneratorNoise, noisy_gradient
 __all__ = [
     "ObservedUpdate",
     "clipped_noised_view",
-    "plain_view",
     "dpsgd_view",
+    "plain_view",
     "sparse_view",
     "summed_view",
 ]
