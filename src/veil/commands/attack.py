@@ -22,6 +22,9 @@ app = typer.Typer(
     "an Attacks section to its report.",
     add_completion=False,
     pretty_exceptions_enable=False,
+    # One command, no subcommands: options may follow RUN_DIR.
+    context_settings={"allow_interspersed_args": True},
+    subcommand_metavar="",
 )
 
 
