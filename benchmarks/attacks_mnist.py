@@ -180,6 +180,47 @@ def gradient_inversion(
     return results
 
 
+def secure_aggregation(data: Any, victims: int, clients: int = 10) -> dict[str, Any]:
+    """Whom does an inversion of the summed round show? PSNR of the reconstruction
+    against the victim and against the best-matching participant of the round."""
+    results: dict[str, Any] = {}
+    for model_name in ("2nn", "tanh-cnn"):
+        torch.manual_seed(0)
+        model = build_model(model_name)
+        rows = []
+        for i in range(victims):
+            idx = [i, *range(100 + 9 * i, 100 + 9 * i + clients - 1)]
+            xs, ys = data.train.x[idx], data.train.y[idx]
+            ups = [
+                plain_view(model, xs[k : k + 1], ys[k : k + 1]) for k in idx_range(xs)
+            ]
+            rec = invert_gradients(
+                model,
+                summed_view(ups),
+                input_shape=(1, 28, 28),
+                config=attack_config(model_name),
+                generator=torch.Generator().manual_seed(i),
+            )
+            scores = psnr(pixels(rec.x).expand_as(xs), pixels(xs))
+            best = int(scores.argmax())
+            rows.append(
+                {
+                    "psnr_victim": float(scores[0]),
+                    "psnr_best_participant": float(scores[best]),
+                    "best_is_victim": best == 0,
+                    "label": int(rec.labels[0]),
+                    "label_in_round": bool((ys == rec.labels[0]).any()),
+                }
+            )
+            print(f"{model_name} secure aggregation, round {i}: {rows[-1]}", flush=True)
+        results[model_name] = rows
+    return results
+
+
+def idx_range(xs: torch.Tensor) -> range:
+    return range(len(xs))
+
+
 def _figure(images: dict[str, list[torch.Tensor]], path: Path, title: str) -> None:
     names = ["original", *[n for n in images if n != "original"]]
     cols = len(images["original"])
@@ -384,6 +425,8 @@ def main() -> None:
             psnr(mean.expand_as(victims), victims).mean()
         )
         results["inversion"] = gradient_inversion(data, sigma, args.out, args.victims)
+    if "secagg" in parts:
+        results["secure_aggregation"] = secure_aggregation(data, args.victims)
     if "membership" in parts:
         results["membership"] = membership(data, args.members, args.references)
     if "representation" in parts:

@@ -312,15 +312,16 @@ def invert_gradients(
         raise VeilError(
             f"observed names must be trainable parameters of the model, got {unknown}"
         )
-    _, layer = last_linear(model)
+    shape = (batch_size, *input_shape)
+    with torch.no_grad():
+        num_classes = model(torch.zeros(1, *input_shape)).shape[-1]
     labels = None
     if config.method == "idlg":
         labels = infer_labels(model, observed, batch_size)
-    shape = (batch_size, *input_shape)
     best: Reconstruction | None = None
     for start in range(config.restarts):
         found = _one_start(
-            model, observed, shape, labels, layer.out_features, config, generator
+            model, observed, shape, labels, num_classes, config, generator
         )
         logger.info("inversion start %d: match loss %.4g", start, found.match_loss)
         if best is None or found.match_loss < best.match_loss:
