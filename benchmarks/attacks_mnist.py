@@ -1,7 +1,7 @@
 """The attacks of :mod:`veil.attacks` on MNIST: what each defence stops, measured.
 
-Four experiments, each printing a table and writing ``OUT/attacks_mnist.json`` and
-PNG figures:
+Five experiments, each printing its results and writing ``OUT/attacks_mnist.json``
+and PNG figures:
 
 1. Gradient inversion (iDLG) against one client's batch-of-one upload, on the 2NN and
    the tanh CNN at their initial weights (a FedAvg client's first round): plain,
@@ -12,13 +12,17 @@ PNG figures:
 2. Membership inference: an overfit 2NN (500 examples, 100 epochs) and a DP-SGD 2NN
    at epsilon <= 3 on the same 500 examples (30 epochs), loss threshold and
    calibrated with 4 reference models; non-members are 500 other training examples.
+   A second pass (``secagg``) scores the inversion of each summed round against every
+   participant, to see whose example, if anyone's, comes back.
 3. Representation inversion: a decoder against the tanh CNN's first block with the
    Laplace perturbation at several epsilons.
 4. Auditing: empirical lower bounds on epsilon for veil's DP-SGD trainer and for a
    simulated DP-FedAvg, beside the accountant's epsilon.
 
 Run: ``nice .venv/bin/python benchmarks/attacks_mnist.py --out runs/attacks-mnist``
-(about 20 minutes on one busy core).
+(about 90 minutes of one core on a busy 2-core machine, most of it the tanh CNN
+inversions; ``--only`` picks parts: inversion, secagg, membership, representation,
+audit).
 """
 
 from __future__ import annotations
@@ -165,7 +169,8 @@ def gradient_inversion(
         images["original"] = [
             pixels(data.train.x[i : i + 1])[0, 0] for i in range(victims)
         ]
-        _figure(images, out / f"inversion_{model_name}.png", model_name)
+        title = f"iDLG reconstructions, {model_name}"
+        _figure(images, out / f"inversion_{model_name}.png", title)
         results[model_name] = {
             name: {
                 "psnr_mean": float(np.mean([r["psnr"] for r in rs])),
@@ -234,7 +239,7 @@ def _figure(images: dict[str, list[torch.Tensor]], path: Path, title: str) -> No
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"iDLG reconstructions, {title}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -341,7 +346,8 @@ def representation(data: Any, out: Path) -> dict[str, Any]:
         results[f"epsilon={eps:g}"] = row
         shown[f"eps={eps:g}"] = [rec[i, 0] for i in range(6)]
         print(f"representation inversion, epsilon {eps:g}: {row}", flush=True)
-    _figure(shown, out / "representation.png", "tanh CNN device part + Laplace")
+    title = "Decoder reconstructions, tanh CNN device part + Laplace"
+    _figure(shown, out / "representation.png", title)
     return results
 
 
@@ -404,7 +410,9 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=500)
     parser.add_argument("--references", type=int, default=4)
     parser.add_argument("--trials", type=int, default=2000)
-    parser.add_argument("--only", default="inversion,membership,representation,audit")
+    parser.add_argument(
+        "--only", default="inversion,secagg,membership,representation,audit"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
