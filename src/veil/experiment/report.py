@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from veil.experiment._attacks import attacks_section
 from veil.experiment._dp import read_privacy
 from veil.experiment.rundir import read_metrics
 
@@ -257,6 +258,7 @@ def write_report(run_dir: str | Path) -> Path:
     if has_bytes:
         lines += ["## Communication", "", "![cumulative bytes sent](bytes.png)", ""]
     lines += _privacy_section(read_privacy(run_dir), by_method)
+    lines += attacks_section(run_dir)
     lines += [
         "## Config",
         "",
