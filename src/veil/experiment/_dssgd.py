@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from veil.errors import ConfigError
 from veil.experiment._dp import write_ledger
 from veil.experiment.config import DSSGDConfig
 from veil.experiment.rundir import save_model
@@ -198,6 +199,13 @@ def _new_run(ctx: RunContext, upload_fraction: float) -> DSSGDRun:
     d = cfg.dssgd
     settings = settings_from_config(d, upload_fraction)
     start = flatten(ctx.initial_state)
+    trainable = sum(p.numel() for p in build_model(cfg.model.name).parameters())
+    if trainable != start.numel():
+        raise ConfigError(
+            f"dssgd needs a model whose state is its parameters; {cfg.model.name!r} "
+            f"has {start.numel() - trainable} values in buffers (BatchNorm "
+            "statistics?): choose another model"
+        )
     server = ParameterServer(start, len(ctx.client_indices))
     clients = [
         DSSGDClient(k, start.clone(), _client_ledger(d))
