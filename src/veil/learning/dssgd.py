@@ -26,7 +26,7 @@ parameter*; one upload of ``c`` parameters spends ``c`` times that, and a client
 spends it again at every upload. Each upload is recorded in the client's
 :class:`~veil.privacy.PrivacyLedger` (see :func:`upload_events` for exactly what).
 
-The classes here hold no I/O and no threads: a driver (``veil.experiment._dssgd``
+The classes here do no I/O and start no threads: a driver (``veil.experiment._dssgd``
 today; a Ray or network runtime later) decides where turns run. The server is safe to
 call from several threads: each download and each upload is applied atomically.
 """
