@@ -266,9 +266,11 @@ def read_privacy(run_dir: Path) -> dict[str, dict[str, Any]]:
 def _ledger_summary(ledger: PrivacyLedger, delta: float) -> dict[str, Any]:
     summary = ledger.summary(delta)
     gaussian = [e for e in ledger.events if e.mechanism == "gaussian"]
-    summary["noise_multiplier"] = sorted({e.noise_multiplier for e in gaussian})
-    summary["sample_rate"] = sorted({e.sample_rate for e in gaussian})
-    summary["steps"] = sum(e.count for e in gaussian)
+    # A ledger of Laplace releases only (DSSGD) shows those instead.
+    shown = gaussian or list(ledger.events)
+    summary["noise_multiplier"] = sorted({e.noise_multiplier for e in shown})
+    summary["sample_rate"] = sorted({e.sample_rate for e in shown})
+    summary["steps"] = sum(e.count for e in shown)
     return summary
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "CentralDPConfig",
     "CentralizedConfig",
     "DPConfig",
+    "DSSGDConfig",
+    "DSSGDPrivacyConfig",
     "DataConfig",
     "ExperimentConfig",
     "FedAvgConfig",
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 #: Methods ``veil run`` knows, in the order they run.
-METHOD_NAMES = ("centralized", "central-dp", "standalone", "fedavg")
+METHOD_NAMES = ("centralized", "central-dp", "standalone", "fedavg", "dssgd")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -200,6 +202,68 @@ class StandaloneConfig(_Section):
     max_clients: PositiveInt | None = None
 
 
+class DSSGDPrivacyConfig(_Section):
+    """``[dssgd.dp]``: differentially private uploads (Shokri & Shmatikov 2015).
+
+    ``epsilon_per_parameter`` is the paper's budget per uploaded parameter: one
+    upload of ``c`` parameters spends ``c`` times it, at every upload. The report
+    states each client's total, from its ledger (``accountant`` at ``delta``) and
+    as the plain sum of pure epsilons. ``budget_epsilon``, when given, is enforced
+    per client (at ``delta``): a client whose next upload could exceed it uploads
+    nothing more.
+    """
+
+    epsilon_per_parameter: PositiveFloat
+    selection_share: Annotated[float, Field(gt=0, lt=1)] = 8 / 9
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    accountant: Literal["rdp", "pld"] = "rdp"
+    budget_epsilon: PositiveFloat | None = None
+    secure_noise: bool = False
+
+
+class DSSGDConfig(_Section):
+    """``[dssgd]``: distributed selective SGD with a parameter server.
+
+    A round gives every client one turn (``order``: round_robin, random, or async,
+    where a round's turns run concurrently on ``workers`` threads). A turn trains
+    ``local.epochs`` epochs, or ``local_batches`` mini-batches when given.
+    ``upload_fraction`` (θu) may be a list: one run per value, side by side in the
+    report. ``threshold`` is τ, ``bound`` is γ (required with ``[dssgd.dp]``).
+    """
+
+    rounds: PositiveInt = 10
+    upload_fraction: (
+        Annotated[float, Field(gt=0, le=1)]
+        | Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)]
+    ) = 0.1
+    download_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    selection: Literal["largest", "threshold"] = "largest"
+    threshold: NonNegativeFloat = 0.0
+    bound: PositiveFloat | None = None
+    order: Literal["round_robin", "random", "async"] = "round_robin"
+    workers: PositiveInt = 2
+    local_batches: PositiveInt | None = None
+    eval_every: PositiveInt = 1
+    dp: DSSGDPrivacyConfig | None = None
+
+    @model_validator(mode="after")
+    def _dp_needs_threshold_and_bound(self) -> DSSGDConfig:
+        if self.dp is not None and (
+            self.selection != "threshold" or self.bound is None
+        ):
+            raise ValueError(
+                "[dssgd.dp] needs selection = 'threshold' (choosing the largest "
+                "values is not private) and a bound (γ)"
+            )
+        return self
+
+    @property
+    def upload_fractions(self) -> list[float]:
+        """θu as a list (one entry per run)."""
+        u = self.upload_fraction
+        return list(u) if isinstance(u, list) else [u]
+
+
 class ExperimentConfig(_Section):
     """The whole experiment. Methods run in the order of :data:`METHOD_NAMES`."""
 
@@ -216,6 +280,7 @@ class ExperimentConfig(_Section):
     dp: DPConfig | None = None
     central_dp: CentralDPConfig = CentralDPConfig()
     secagg: SecAggConfig = SecAggConfig()
+    dssgd: DSSGDConfig = DSSGDConfig()
 
     @field_validator("methods")
     @classmethod

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 
 from veil.experiment._attacks import attacks_section
 from veil.experiment._dp import read_privacy
+from veil.experiment._dssgd import dssgd_section
 from veil.experiment.rundir import read_metrics
 
 __all__ = ["summarize", "write_report"]
@@ -31,6 +32,7 @@ _LABELS = {
     "fedavg": "FedAvg",
     "centralized": "Centralized (pooled data)",
     "standalone": "Standalone (each client alone)",
+    "dssgd": "DSSGD (selective SGD)",
 }
 
 
@@ -257,6 +259,7 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     if has_bytes:
         lines += ["## Communication", "", "![cumulative bytes sent](bytes.png)", ""]
+    lines += dssgd_section(by_method)
     lines += _privacy_section(read_privacy(run_dir), by_method)
     lines += attacks_section(run_dir)
     lines += [

@@ -15,6 +15,8 @@ registered in :data:`METHODS`:
 - ``central-dp``: DP-SGD on the pooled data (:mod:`veil.experiment._dp`); with
   ``fedavg.local_dp`` FedAvg's clients train with DP-SGD, one ledger each. Ledgers
   are written to ``RUN_DIR/privacy/``.
+- ``dssgd``: distributed selective SGD with a parameter server
+  (:mod:`veil.experiment._dssgd`), once per upload fraction θu.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from veil._seeding import Stream, derive_seed, numpy_rng, torch_generator
 from veil.data import FederatedDataset, load_dataset, partition
 from veil.errors import BudgetExceededError, ConfigError
 from veil.experiment._dp import client_privacy, run_central_dp, write_ledger
+from veil.experiment._dssgd import run_dssgd
 from veil.experiment._secagg import SecureFedAvg, secure_fedavg
 from veil.experiment.config import METHOD_NAMES, ExperimentConfig, dump_config
 from veil.experiment.report import write_report
@@ -249,6 +252,7 @@ METHODS: dict[str, MethodFn] = {
     "central-dp": run_central_dp,
     "standalone": run_standalone,
     "fedavg": run_fedavg,
+    "dssgd": run_dssgd,
 }
 
 
@@ -259,6 +263,8 @@ def _method_steps(config: ExperimentConfig, method: str, num_clients: int) -> in
         return config.centralized.epochs
     if method == "central-dp":
         return config.central_dp.epochs
+    if method == "dssgd":
+        return config.dssgd.rounds * len(config.dssgd.upload_fractions)
     cap = config.standalone.max_clients
     return num_clients if cap is None else min(cap, num_clients)
 
