@@ -245,7 +245,7 @@ def test_budget_stops_before_sampling_and_changes_nothing() -> None:
     algo = make(num_clients=10, sample_rate=0.5, dim=1, ledger=ledger)
     rnd = 0
     with pytest.raises(BudgetExceededError):
-        for rnd in range(1, 1000):  # noqa: B007
+        for rnd in range(1, 1000):
             algo.configure_round(rnd)
             algo.aggregate(rnd, [])
     assert ledger.epsilon() <= 3.0
