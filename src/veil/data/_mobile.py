@@ -166,7 +166,7 @@ def load_tuandromd(data_dir: str | Path | None = None) -> FederatedDataset:
     if features.shape[1] != len(header) - 1 or not np.isin(features, (0, 1)).all():
         raise DataError(f"{path}: features must be {len(header) - 1} columns of 0/1")
     order = np.random.default_rng(0).permutation(len(y))
-    cut = int(round(len(y) * (1 - _TUANDROMD_TEST_FRACTION)))
+    cut = round(len(y) * (1 - _TUANDROMD_TEST_FRACTION))
 
     def split(idx: np.ndarray) -> Dataset:
         x = torch.from_numpy(features[idx].astype(np.float32))

@@ -13,6 +13,8 @@ registered in :data:`METHODS`:
 - ``central-dp``: DP-SGD on the pooled data (:mod:`veil.experiment._dp`); with
   ``fedavg.local_dp`` FedAvg's clients train with DP-SGD, one ledger each. Ledgers
   are written to ``RUN_DIR/privacy/``.
+- ``dp-fedavg``: DP-FedAvg with user-level DP, adaptive clipping, central or
+  distributed noise (:mod:`veil.experiment._dp_fedavg`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from veil._seeding import Stream, derive_seed, numpy_rng, torch_generator
 from veil.data import FederatedDataset, load_dataset, partition
 from veil.errors import BudgetExceededError, ConfigError
 from veil.experiment._dp import client_privacy, run_central_dp, write_ledger
+from veil.experiment._dp_fedavg import run_dp_fedavg
 from veil.experiment.config import METHOD_NAMES, ExperimentConfig, dump_config
 from veil.experiment.report import write_report
 from veil.experiment.rundir import MetricsLog, new_run_dir, save_model
@@ -242,6 +245,7 @@ METHODS: dict[str, MethodFn] = {
     "central-dp": run_central_dp,
     "standalone": run_standalone,
     "fedavg": run_fedavg,
+    "dp-fedavg": run_dp_fedavg,
 }
 
 
@@ -252,6 +256,8 @@ def _method_steps(config: ExperimentConfig, method: str, num_clients: int) -> in
         return config.centralized.epochs
     if method == "central-dp":
         return config.central_dp.epochs
+    if method == "dp-fedavg" and config.dp_fedavg is not None:
+        return config.dp_fedavg.rounds
     cap = config.standalone.max_clients
     return num_clients if cap is None else min(cap, num_clients)
 

@@ -19,9 +19,10 @@ What the ledger records per round: one Gaussian mechanism of noise multiplier ``
 (with adaptive clipping, the combined multiplier of the update and the count, see
 :mod:`veil.learning.user_dp`) on a sample of clients, Poisson at rate ``q`` or
 fixed-size ``q * N`` of ``N`` (accounted with ``rdp`` under ``replace_one``, the only
-analysis ``dp-accounting`` offers for it). Epsilon therefore protects one client, all
-its examples together, against whoever sees the models (central) or, with secure
-aggregation, against the server too (distributed).
+analysis ``dp-accounting`` offers for it; replacing a client moves the sum by up to
+``2 S``, so that event's noise multiplier is ``z / 2``). Epsilon therefore protects
+one client, all its examples together, against whoever sees the models (central)
+or, with secure aggregation, against the server too (distributed).
 
 The updates are averaged with equal weight: a client with many examples counts as
 much as one with few, which keeps each client's influence at ``S``.
@@ -187,11 +188,17 @@ class DPFedAvg:
         )
 
     def round_event(self) -> PrivacyEvent:
-        """The privacy event one round spends."""
+        """The privacy event one round spends.
+
+        Under fixed-size sampling the neighbouring relation is replace-one-client:
+        replacing a client moves the sum by up to ``2 S``, so the event's noise
+        multiplier (noise std over that sensitivity) is ``z / 2``. Under Poisson
+        sampling (add or remove one client) it is ``z``.
+        """
         fixed = ClientSampling(self.sampling) is ClientSampling.FIXED
         return PrivacyEvent(
             "gaussian",
-            self.noise_multiplier,
+            self.noise_multiplier / 2 if fixed else self.noise_multiplier,
             self.sample_rate,
             source=f"dp-fedavg/{self.placement}",
             population=self.num_clients if fixed else None,
