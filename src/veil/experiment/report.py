@@ -163,7 +163,8 @@ def _plot_privacy(by_method: dict[str, list[dict[str, Any]]], path: Path) -> boo
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
