@@ -127,6 +127,19 @@ def test_noise_std_on_the_average_is_z_s_over_expected_clients(
     assert abs(float(np.mean(noise))) < 5 * expected / math.sqrt(DIM)
 
 
+def test_distributed_dropouts_are_topped_up_by_the_server() -> None:
+    # 5 clients sampled, 2 drop out: the server adds the missing 2/5 of the variance.
+    algo = make(placement="distributed", sampling="fixed")
+    tasks = algo.configure_round(1)
+    results = [
+        algo.client_fit(t, Vector(), torch.tensor([0.0]), torch.zeros(1))
+        for t in tasks[:3]
+    ]
+    algo.aggregate(1, results)
+    std = float(algo.global_state["w"].double().std())
+    assert std == pytest.approx(1.5 * 2.0 / 5.0, rel=0.03)
+
+
 def test_central_clients_send_no_noise_and_distributed_clients_send_shares() -> None:
     for placement, share in [("central", 0.0), ("distributed", 1.5 * 2.0 / 5**0.5)]:
         algo = make(placement=placement, sampling="fixed")

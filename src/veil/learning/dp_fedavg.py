@@ -135,6 +135,7 @@ class DPFedAvg:
     secure_noise: bool = False
     history: list[RoundRecord] = field(default_factory=list)
     _velocity: StateDict | None = field(default=None, repr=False)
+    _sampled: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._check_settings()
@@ -243,6 +244,7 @@ class DPFedAvg:
         """
         self.ledger.check(self.round_event())
         chosen = self.sample_clients(rnd)
+        self._sampled = {rnd: len(chosen)}
         plan = self.noise_plan(len(chosen))
         settings = {
             CLIPPING_NORM: self.clipping_norm,
@@ -307,12 +309,12 @@ class DPFedAvg:
         """
         self._check_results(rnd, results)
         used_norm = self.clipping_norm
-        plan = self.noise_plan(len(results))
-        total = self._noisy_sum(rnd, results, plan.server_update_std)
+        update_std, count_std = self._server_noise(rnd, len(results))
+        total = self._noisy_sum(rnd, results, update_std)
         mean = {name: t / self.expected_clients for name, t in total.items()}
         self._server_step(mean)
         self.ledger.record(self.round_event())
-        unclipped = self._adapt(rnd, results, plan.server_count_std)
+        unclipped = self._adapt(rnd, results, count_std)
         norms = [r.metrics.get("norm", math.nan) for r in results]
         mean_norm = float(np.mean(norms)) if norms else math.nan
         self.history.append(
@@ -324,6 +326,21 @@ class DPFedAvg:
             len(results),
             used_norm,
         )
+
+    def _server_noise(self, rnd: int, received: int) -> tuple[float, float]:
+        """What the server adds to the update sum and to the count.
+
+        Under distributed DP the server tops up the shares of sampled clients whose
+        result never arrived (dropouts), so the sum still carries the full noise:
+        ``std * sqrt(missing / sampled)``.
+        """
+        sampled = self._sampled.get(rnd, received)
+        plan = self.noise_plan(sampled)
+        if NoisePlacement(self.placement) is NoisePlacement.CENTRAL or sampled == 0:
+            return plan.server_update_std, plan.server_count_std
+        full = self.noise_plan(0)  # the whole noise, as the server would add it
+        missing = math.sqrt(max(sampled - received, 0) / sampled)
+        return full.server_update_std * missing, full.server_count_std * missing
 
     def _check_results(self, rnd: int, results: Sequence[ClientResult]) -> None:
         for r in results:
