@@ -4,6 +4,7 @@ ledger's epsilon against the accountant's direct answer, the report's sections."
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from veil.data import FederatedDataset
 from veil.errors import ConfigError, PrivacyError
 from veil.experiment import parse_config, run_experiment
 from veil.experiment._dp import read_privacy
+from veil.learning import ClientTask, DPFedAvg
 from veil.privacy import PrivacyEvent, PrivacyLedger, dpsgd_epsilon, epsilon_of_event
 
 pytestmark = pytest.mark.filterwarnings("ignore::veil.privacy.InsecureNoiseWarning")
@@ -115,3 +117,26 @@ def test_dp_fedavg_needs_its_section(tiny_dataset: FederatedDataset) -> None:
         parse_config(tomllib.loads(BASE))
     with pytest.raises(ConfigError, match="noise_multiplier, epsilon"):
         parse_config(tomllib.loads(BASE + "[dp_fedavg]\nrounds = 2\n"))
+
+
+def test_a_diverged_client_stops_the_run_and_keeps_the_ledger(
+    tiny_dataset: FederatedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fit = DPFedAvg.client_fit
+
+    def diverge_in_round_2(self: DPFedAvg, task: ClientTask, *args: object) -> object:
+        result = fit(self, task, *args)  # type: ignore[arg-type]
+        if task.round == 2:
+            result.update["1.weight"][0, 0] = math.nan
+        return result
+
+    monkeypatch.setattr(DPFedAvg, "client_fit", diverge_in_round_2)
+    section = "[dp_fedavg]\nrounds = 3\nsample_rate = 0.5\nnoise_multiplier = 1.0\n"
+    config = parse_config(tomllib.loads(BASE + section))
+    run_dir = run_experiment(config, run_dir=tmp_path / "run", progress=False)
+
+    last = _records(run_dir)[-1]
+    assert (last["round"], last["stopped"]) == (1, "refused")
+    data = json.loads((run_dir / "privacy" / "dp-fedavg.json").read_text())
+    assert PrivacyLedger.from_dict(data["ledger"]).events[0].count == 1
+    assert "updates were refused" in (run_dir / "report.md").read_text()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import dp_accounting as dpa
 
-from veil.errors import BudgetExceededError, PrivacyError
+from veil.errors import BudgetExceededError, PrivacyError, UpdateError
 from veil.experiment._dp import write_ledger
 from veil.experiment.config import DPFedAvgConfig, ExperimentConfig
 from veil.learning import AdaptiveClipping, DPFedAvg, SGDTrainer, StateDict, evaluate
@@ -154,7 +154,8 @@ def build_dp_fedavg(
 
 
 def run_dp_fedavg(ctx: RunContext) -> StateDict:
-    """DP-FedAvg in the simulation runtime; stops before a round over budget."""
+    """DP-FedAvg in the simulation runtime; stops before a round over budget, or
+    when a round's updates are refused (a diverged client), keeping the last model."""
     config = ctx.config
     cfg = config.dp_fedavg
     assert cfg is not None
@@ -201,6 +202,12 @@ def run_dp_fedavg(ctx: RunContext) -> StateDict:
         except BudgetExceededError as exc:
             logger.warning("dp-fedavg stopped before round %d: %s", rnd, exc)
             log(rnd - 1, pending, stopped="budget")
+            break
+        except UpdateError as exc:
+            # A diverged client (NaN) ends the run with the last good model; the
+            # refused round released nothing, so the ledger is complete as it is.
+            logger.warning("dp-fedavg stopped in round %d: %s", rnd, exc)
+            log(rnd - 1, pending, stopped="refused")
             break
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             log(rnd, pending)

@@ -34,6 +34,12 @@ _LABELS = {
 }
 
 
+_STOP_REASONS = {
+    "budget": "the next step would have exceeded the budget.",
+    "refused": "the next round's updates were refused (NaN, Inf or malformed).",
+}
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -198,7 +204,8 @@ def _privacy_section(
         if stops:
             notes.append(
                 f"{_LABELS.get(method, method)} stopped at {stops[0]['axis']} "
-                f"{stops[0]['round']}: the next step would have exceeded the budget."
+                f"{stops[0]['round']}: "
+                + _STOP_REASONS.get(stops[0]["stopped"], str(stops[0]["stopped"]))
             )
         if p.get("clients_trained") == 0:
             notes.append(f"{_LABELS.get(method, method)}: no client trained.")
