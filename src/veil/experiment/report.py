@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from veil.experiment._attacks import attacks_section
 from veil.experiment._dp import read_privacy
 from veil.experiment.rundir import read_metrics
 
@@ -321,6 +322,7 @@ def write_report(run_dir: str | Path) -> Path:
             "",
         ]
     lines += _privacy_section(read_privacy(run_dir), by_method)
+    lines += attacks_section(run_dir)
     lines += [
         "## Config",
         "",
