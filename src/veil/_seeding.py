@@ -24,6 +24,7 @@ class Stream:
     CENTRALIZED = 4
     STANDALONE = 5
     CENTRAL_DP = 6
+    DP_FEDAVG_NOISE = 70
 
 
 def derive_seed(seed: int, *keys: int) -> int:

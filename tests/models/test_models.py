@@ -21,3 +21,21 @@ def test_parameter_counts(name: str, count: int) -> None:
 def test_unknown_model() -> None:
     with pytest.raises(ValueError, match="model must be one of"):
         build_model("resnet")
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "shape", "classes"),
+    [
+        ("hapt-cnn", 8_438, (3, 6, 128), 6),
+        ("hapt-cnn-12", 8_636, (3, 6, 128), 12),
+        ("tuandromd-mlp", 3_906, (3, 241), 2),
+    ],
+)
+def test_mobile_models(
+    name: str, count: int, shape: tuple[int, ...], classes: int
+) -> None:
+    # hapt-cnn: 6*16*5+16 + 16*32*5+32 + 32*32*5+32 + 32*6+6 = 8,438;
+    # tuandromd-mlp: 241*16+16 + 16*2+2 = 3,906.
+    model = build_model(name)
+    assert num_parameters(model) == count
+    assert model(torch.zeros(shape)).shape == (3, classes)

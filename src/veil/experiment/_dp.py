@@ -218,12 +218,14 @@ def write_ledger(
     name: str,
     ledger: PrivacyLedger | dict[int, PrivacyLedger],
     delta: float,
+    **notes: str,
 ) -> Path:
     """Write one ledger, or one per client, to ``RUN_DIR/privacy/NAME.json`` (format
-    :data:`PRIVACY_FORMAT`, with the ``delta`` at which the report states epsilon)."""
+    :data:`PRIVACY_FORMAT`, with the ``delta`` at which the report states epsilon).
+    ``notes`` (``protects``, ``trust_model``) are stored beside it for the report."""
     folder = run_dir / "privacy"
     folder.mkdir(exist_ok=True)
-    record: dict[str, Any] = {"format": PRIVACY_FORMAT, "delta": delta}
+    record: dict[str, Any] = {"format": PRIVACY_FORMAT, "delta": delta, **notes}
     if isinstance(ledger, PrivacyLedger):
         record["ledger"] = ledger.to_dict()
     else:
@@ -260,6 +262,9 @@ def read_privacy(run_dir: Path) -> dict[str, dict[str, Any]]:
                 int(k): PrivacyLedger.from_dict(v) for k, v in data["clients"].items()
             }
             out[path.stem] = _clients_summary(ledgers, delta)
+        for note in ("protects", "trust_model"):
+            if note in data:
+                out[path.stem][note] = str(data[note])
     return out
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "CentralDPConfig",
     "CentralizedConfig",
     "DPConfig",
+    "DPFedAvgConfig",
     "DSSGDConfig",
     "DSSGDPrivacyConfig",
     "DataConfig",
@@ -46,7 +47,14 @@ __all__ = [
 ]
 
 #: Methods ``veil run`` knows, in the order they run.
-METHOD_NAMES = ("centralized", "central-dp", "standalone", "fedavg", "dssgd")
+METHOD_NAMES = (
+    "centralized",
+    "central-dp",
+    "standalone",
+    "fedavg",
+    "dp-fedavg",
+    "dssgd",
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -183,6 +191,54 @@ class CentralDPConfig(_Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
+class DPFedAvgConfig(_Section):
+    """``[dp_fedavg]``: DP-FedAvg with user-level DP (McMahan et al. 2018).
+
+    Each round samples clients (``sampling``: ``poisson`` with probability
+    ``sample_rate`` each, or ``fixed``: exactly ``sample_rate * num_clients``),
+    clips each update to ``clipping_norm``, adds Gaussian noise of std
+    ``noise_multiplier * clipping_norm`` to the sum once (``placement``: by the
+    server, ``central``, or split among the clients, ``distributed``) and divides by
+    the expected number of clients. ``epsilon`` is the user-level budget at
+    ``delta`` (default ``0.1 / num_clients``; must be below ``1 / num_clients``);
+    without ``noise_multiplier`` the noise is calibrated so ``rounds`` rounds spend
+    at most ``epsilon``. ``adaptive_clipping`` makes the clipping norm follow the
+    ``target_quantile`` of update norms (Andrew et al. 2021) with a count noised by
+    ``count_noise_multiplier`` (default: expected clients / 20, at least the noise
+    multiplier); its cost is inside
+    ``noise_multiplier``. Poisson sampling is accounted with ``accountant``
+    (add/remove one client); fixed-size sampling always with ``rdp`` under
+    ``replace_one`` (the only analysis available for it).
+    """
+
+    rounds: PositiveInt = 100
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.1
+    placement: Literal["central", "distributed"] = "central"
+    clipping_norm: PositiveFloat = 1.0
+    noise_multiplier: NonNegativeFloat | None = None
+    epsilon: PositiveFloat | None = None
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+    accountant: Literal["pld", "rdp"] = "pld"
+    adaptive_clipping: bool = False
+    target_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    clipping_lr: PositiveFloat = 0.2
+    count_noise_multiplier: PositiveFloat | None = None
+    server_lr: PositiveFloat = 1.0
+    server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    eval_every: PositiveInt = 1
+    secure_noise: bool = False
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> DPFedAvgConfig:
+        if self.noise_multiplier is None and self.epsilon is None:
+            raise ValueError(
+                "give noise_multiplier, epsilon (the user-level budget, from which "
+                "the noise is calibrated) or both"
+            )
+        return self
+
+
 class CentralizedConfig(_Section):
     """``[centralized]``: SGD on all clients' data pooled (the upper baseline)."""
 
@@ -279,6 +335,7 @@ class ExperimentConfig(_Section):
     standalone: StandaloneConfig = StandaloneConfig()
     dp: DPConfig | None = None
     central_dp: CentralDPConfig = CentralDPConfig()
+    dp_fedavg: DPFedAvgConfig | None = None
     secagg: SecAggConfig = SecAggConfig()
     dssgd: DSSGDConfig = DSSGDConfig()
 
@@ -301,6 +358,15 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "central-dp and fedavg.local_dp need a [dp] section (clipping_norm, "
                 "noise_multiplier and/or epsilon, delta)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dp_fedavg_present(self) -> ExperimentConfig:
+        if "dp-fedavg" in self.methods and self.dp_fedavg is None:
+            raise ValueError(
+                "dp-fedavg needs a [dp_fedavg] section (sample_rate, clipping_norm, "
+                "noise_multiplier and/or epsilon)"
             )
         return self
 

@@ -30,9 +30,16 @@ __all__ = ["summarize", "write_report"]
 _LABELS = {
     "central-dp": "Central DP-SGD (pooled data)",
     "fedavg": "FedAvg",
+    "dp-fedavg": "DP-FedAvg (user-level DP)",
     "centralized": "Centralized (pooled data)",
     "standalone": "Standalone (each client alone)",
     "dssgd": "DSSGD (selective SGD)",
+}
+
+
+_STOP_REASONS = {
+    "budget": "the next step would have exceeded the budget.",
+    "refused": "the next round's updates were refused (NaN, Inf or malformed).",
 }
 
 
@@ -143,6 +150,36 @@ def _plot_bytes(by_method: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     return drawn
 
 
+def _plot_privacy(by_method: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Epsilon and the clipping norm against round, for methods that log them."""
+    keys = ("epsilon", "clipping_norm")
+    curves = {
+        m: rows
+        for m, rows in by_method.items()
+        if rows[-1]["axis"] == "round" and any(r.get(k) for r in rows for k in keys)
+    }
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in zip(
+        axes, keys, ("epsilon spent", "clipping norm S"), strict=True
+    ):
+        for method, rows in curves.items():
+            points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, label=_LABELS.get(method, method))
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
@@ -170,13 +207,16 @@ def _privacy_section(
         if stops:
             notes.append(
                 f"{_LABELS.get(method, method)} stopped at {stops[0]['axis']} "
-                f"{stops[0]['round']}: the next step would have exceeded the budget."
+                f"{stops[0]['round']}: "
+                + _STOP_REASONS.get(stops[0]["stopped"], str(stops[0]["stopped"]))
             )
         if p.get("clients_trained") == 0:
             notes.append(f"{_LABELS.get(method, method)}: no client trained.")
             continue
         eps = "inf" if p["epsilon"] is None else f"{p['epsilon']:.3f}"
-        protects = "one example"
+        protects = p.get("protects", "one example")
+        if "trust_model" in p:
+            protects += f" ({p['trust_model']} noise)"
         if "worst_client" in p:
             protects = "one example of one client"
             eps += f" (worst client; median {p['median_epsilon']:.3f})"
@@ -197,12 +237,29 @@ def _privacy_section(
         "",
         "Epsilon is computed from the run's privacy ledgers (`privacy/*.json`) by "
         "`dp-accounting`. *add_or_remove_one*: the guarantee holds between data sets "
-        "that differ by adding or removing one record.",
+        "that differ by adding or removing one record (one client for DP-FedAvg; "
+        "*replace_one*: replacing one).",
         "",
+        *_trust_notes(privacy),
         *notes,
         "",
     ]
     return lines
+
+
+def _trust_notes(privacy: dict[str, dict[str, Any]]) -> list[str]:
+    notes = {
+        "central": "the server adds the noise: the guarantee holds against everyone "
+        "who sees the models, not against the server, which sees clipped updates.",
+        "distributed": "each sampled client adds a share of the noise, so only the "
+        "sum carries all of it: with secure aggregation the guarantee also holds "
+        "against the server.",
+    }
+    return [
+        f"{_LABELS.get(m, m)}: {notes[p['trust_model']]}"
+        for m, p in privacy.items()
+        if p.get("trust_model") in notes
+    ]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -260,6 +317,13 @@ def write_report(run_dir: str | Path) -> Path:
     if has_bytes:
         lines += ["## Communication", "", "![cumulative bytes sent](bytes.png)", ""]
     lines += dssgd_section(by_method)
+    if bool(by_method) and _plot_privacy(by_method, run_dir / "privacy.png"):
+        lines += [
+            "## Privacy over rounds",
+            "",
+            "![epsilon and clipping norm against round](privacy.png)",
+            "",
+        ]
     lines += _privacy_section(read_privacy(run_dir), by_method)
     lines += attacks_section(run_dir)
     lines += [

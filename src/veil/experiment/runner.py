@@ -17,6 +17,8 @@ registered in :data:`METHODS`:
   are written to ``RUN_DIR/privacy/``.
 - ``dssgd``: distributed selective SGD with a parameter server
   (:mod:`veil.experiment._dssgd`), once per upload fraction θu.
+- ``dp-fedavg``: DP-FedAvg with user-level DP, adaptive clipping, central or
+  distributed noise (:mod:`veil.experiment._dp_fedavg`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from veil._seeding import Stream, derive_seed, numpy_rng, torch_generator
 from veil.data import FederatedDataset, load_dataset, partition
 from veil.errors import BudgetExceededError, ConfigError
 from veil.experiment._dp import client_privacy, run_central_dp, write_ledger
+from veil.experiment._dp_fedavg import run_dp_fedavg
 from veil.experiment._dssgd import run_dssgd
 from veil.experiment._secagg import SecureFedAvg, secure_fedavg
 from veil.experiment.config import METHOD_NAMES, ExperimentConfig, dump_config
@@ -253,6 +256,7 @@ METHODS: dict[str, MethodFn] = {
     "standalone": run_standalone,
     "fedavg": run_fedavg,
     "dssgd": run_dssgd,
+    "dp-fedavg": run_dp_fedavg,
 }
 
 
@@ -265,6 +269,8 @@ def _method_steps(config: ExperimentConfig, method: str, num_clients: int) -> in
         return config.central_dp.epochs
     if method == "dssgd":
         return config.dssgd.rounds * len(config.dssgd.upload_fractions)
+    if method == "dp-fedavg" and config.dp_fedavg is not None:
+        return config.dp_fedavg.rounds
     cap = config.standalone.max_clients
     return num_clients if cap is None else min(cap, num_clients)
 

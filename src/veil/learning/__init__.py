@@ -6,20 +6,43 @@ business (:mod:`veil.runtime`).
 """
 
 from veil.learning._types import ClientResult, ClientTask, StateDict
+from veil.learning.dp_fedavg import DPFedAvg, RoundRecord
 from veil.learning.encoding import encoded_size
 from veil.learning.fedavg import FedAvg, check_update, weighted_average
 from veil.learning.local import LocalTrainer, SGDTrainer, TrainStats, evaluate
+from veil.learning.user_dp import (
+    AdaptiveClipping,
+    ClientSampling,
+    NoisePlacement,
+    NoisePlan,
+    add_noise,
+    clip_update,
+    combined_noise_multiplier,
+    update_noise_multiplier,
+    update_norm,
+)
 
 __all__ = [
+    "AdaptiveClipping",
     "ClientResult",
+    "ClientSampling",
     "ClientTask",
+    "DPFedAvg",
     "FedAvg",
     "LocalTrainer",
+    "NoisePlacement",
+    "NoisePlan",
+    "RoundRecord",
     "SGDTrainer",
     "StateDict",
     "TrainStats",
+    "add_noise",
     "check_update",
+    "clip_update",
+    "combined_noise_multiplier",
     "encoded_size",
     "evaluate",
+    "update_noise_multiplier",
+    "update_norm",
     "weighted_average",
 ]

@@ -25,12 +25,15 @@ class ClientTask:
         round: the round number, from 1.
         seed: the client's training seed for this round (from the run's seed).
         global_state: the global model's tensors, by name.
+        settings: round settings the server sends with the task, by name (DP-FedAvg:
+            the clipping norm and each client's noise share); empty for FedAvg.
     """
 
     client_id: int
     round: int
     seed: int
     global_state: StateDict
+    settings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

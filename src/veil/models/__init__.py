@@ -7,6 +7,13 @@
   (1,663,370 parameters).
 - ``tanh-cnn``: the small tanh CNN of the DP-SGD literature (Papernot et al. 2020,
   Opacus's MNIST example): 26,010 parameters.
+- ``hapt-cnn`` / ``hapt-cnn-12``: a small 1-D CNN for windows of phone motion
+  sensors, ``(N, 6, 128)`` (UCI HAPT): three 5-tap convolutions (16, 32, 32 channels),
+  global average pooling and a linear layer; 8,438 parameters for the 6 basic
+  activities, 8,636 for all 12. Small on purpose: under user-level DP the noise grows
+  with the square root of the parameter count.
+- ``tuandromd-mlp``: 241 binary app features, 16 ReLU units, 2 classes (malware,
+  goodware): 3,906 parameters.
 
 Models know nothing about privacy; they are built by name with :func:`build_model`.
 :func:`replace_batchnorm` makes a model fit for per-example gradients (DP-SGD) by
@@ -24,10 +31,12 @@ __all__ = [
     "MODELS",
     "build_model",
     "cnn",
+    "hapt_cnn",
     "mlp_2nn",
     "num_parameters",
     "replace_batchnorm",
     "tanh_cnn",
+    "tuandromd_mlp",
 ]
 
 
@@ -78,10 +87,39 @@ def tanh_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     )
 
 
+def hapt_cnn(in_channels: int = 6, num_classes: int = 6) -> nn.Module:
+    """A small 1-D CNN for sensor windows of shape ``(N, in_channels, length)``."""
+    return nn.Sequential(
+        nn.Conv1d(in_channels, 16, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(16, 32, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(32, 32, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
+    )
+
+
+def tuandromd_mlp(
+    in_features: int = 241, num_classes: int = 2, hidden: int = 16
+) -> nn.Module:
+    """One hidden layer of ``hidden`` ReLU units over binary app features."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "2nn": mlp_2nn,
     "cnn": cnn,
     "tanh-cnn": tanh_cnn,
+    "hapt-cnn": hapt_cnn,
+    "hapt-cnn-12": lambda: hapt_cnn(num_classes=12),
+    "tuandromd-mlp": tuandromd_mlp,
 }
 
 

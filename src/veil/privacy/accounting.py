@@ -189,6 +189,10 @@ def epsilon_of_event(
     acc = make_accountant(accountant, relation)
     if not acc.supports(event):
         hint = " (use accountant 'pld')" if accountant == Accountant.RDP else ""
+        if "SampledWithoutReplacement" in str(event):
+            hint = (
+                " (fixed-size sampling needs accountant 'rdp', relation 'replace_one')"
+            )
         raise PrivacyError(
             f"accountant {accountant!r} cannot account for {event} under the "
             f"{relation!r} neighbouring relation{hint}"

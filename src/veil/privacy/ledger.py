@@ -69,6 +69,11 @@ class PrivacyEvent:
         count: number of uses, integer >= 1; default 1.
         source: free text naming what released the result (``"dpsgd"``, ...); it
             does not change the accounting.
+        population: ``None`` (default) for Poisson sampling; otherwise the number of
+            records a fixed-size sample is drawn from: each use takes a uniformly
+            random subset of exactly ``sample_rate * population`` records (an
+            integer), without replacement. Only ``rdp`` under ``replace_one`` can
+            account for it (``dp-accounting``'s sampled-without-replacement event).
     """
 
     mechanism: str
@@ -76,6 +81,7 @@ class PrivacyEvent:
     sample_rate: float = 1.0
     count: int = 1
     source: str = ""
+    population: int | None = None
 
     def __post_init__(self) -> None:
         allowed = [m.value for m in Mechanism]
@@ -89,6 +95,28 @@ class PrivacyEvent:
             raise PrivacyError(f"count must be an integer >= 1, got {self.count!r}")
         if self.count < 1:
             raise PrivacyError(f"count must be an integer >= 1, got {self.count!r}")
+        if self.population is not None:
+            self._check_population(self.population)
+
+    def _check_population(self, population: int) -> None:
+        if isinstance(population, bool) or not isinstance(population, int):
+            raise PrivacyError(
+                f"population must be an integer >= 1, got {population!r}"
+            )
+        size = self.sample_rate * population
+        if population < 1 or abs(size - round(size)) > 1e-9 * population:
+            raise PrivacyError(
+                "population must be an integer >= 1 with sample_rate * population a "
+                f"whole sample size, got population={population!r} and "
+                f"sample_rate={self.sample_rate!r}"
+            )
+
+    @property
+    def sample_size(self) -> int | None:
+        """Records per use under fixed-size sampling; ``None`` under Poisson."""
+        if self.population is None:
+            return None
+        return round(self.sample_rate * self.population)
 
     @property
     def is_private(self) -> bool:
@@ -108,13 +136,20 @@ class PrivacyEvent:
             step = dpa.GaussianDpEvent(self.noise_multiplier)
         else:
             step = dpa.LaplaceDpEvent(self.noise_multiplier)
-        if self.sample_rate < 1:
+        if self.population is not None and self.sample_rate < 1:
+            step = dpa.SampledWithoutReplacementDpEvent(
+                self.population, self.sample_size, step
+            )
+        elif self.sample_rate < 1:
             step = dpa.PoissonSampledDpEvent(self.sample_rate, step)
         return dpa.SelfComposedDpEvent(step, self.count)
 
     def to_dict(self) -> dict[str, Any]:
-        """The event as plain JSON-ready values."""
-        return asdict(self)
+        """The event as plain JSON-ready values (``population`` only when set)."""
+        data = asdict(self)
+        if self.population is None:
+            del data["population"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrivacyEvent:
