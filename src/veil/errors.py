@@ -79,8 +79,8 @@ class BudgetExceededError(PrivacyError):
     def __reduce__(self) -> tuple[object, ...]:
         # Keyword-only __init__: rebuild from the attributes, so the error survives
         # pickling (a client that stopped in a Ray worker reports it to the driver).
-        keys = ("steps_done", "epsilon_spent", "epsilon_next")
-        keys += ("budget_epsilon", "budget_delta", "result")
+        keys = ["steps_done", "epsilon_spent", "epsilon_next"]
+        keys += ["budget_epsilon", "budget_delta", "result"]
         return (_rebuild_budget_error, ({k: getattr(self, k) for k in keys},))
 
 

@@ -108,6 +108,7 @@ def test_budget_stop_keeps_every_ledger_within_the_budget() -> None:
     simulation runtime stops at the first). Nothing of that round is aggregated."""
     data = make_tiny(n_train=240, n_test=10)
     parts = _parts(240, 6)
+
     # A budget that runs out within a few rounds, part-way through a client.
     def ledgers_at_stop(runtime: object) -> dict[int, PrivacyLedger]:
         ledgers = _Ledgers(6, 3.0)

@@ -44,8 +44,8 @@ from veil._seeding import Stream, derive_seed, numpy_rng, torch_generator
 from veil.data import FederatedDataset, load_dataset, partition
 from veil.errors import BudgetExceededError, ConfigError
 from veil.experiment._dp import client_privacy, run_central_dp, write_ledger
-from veil.experiment.config import METHOD_NAMES, ExperimentConfig, dump_config
 from veil.experiment._runtime import open_runtime
+from veil.experiment.config import METHOD_NAMES, ExperimentConfig, dump_config
 from veil.experiment.report import write_report
 from veil.experiment.rundir import MetricsLog, new_run_dir, save_model
 from veil.learning import FedAvg, SGDTrainer, StateDict, evaluate
