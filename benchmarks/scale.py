@@ -154,9 +154,10 @@ def child(variant: str, clients: int, per_round: int, rounds: int) -> None:
 
 
 def measure(variant: str, clients: int, per_round: int, rounds: int) -> dict:
+    command = [sys.executable, __file__, "--child", variant, str(clients)]
+    command += [str(per_round), "--rounds", str(rounds)]
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, str(clients), str(per_round)]
-        + ["--rounds", str(rounds)],
+        command,
         capture_output=True,
         text=True,
         check=True,
