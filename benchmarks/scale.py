@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,22 +61,27 @@ def _tree_rss(root: int) -> int:
 
 
 class PeakSampler(threading.Thread):
-    """Samples the process tree's resident memory every 50 ms; keeps the peak."""
+    """Samples the process tree's resident memory every 0.5 s; keeps the peak.
+
+    The process's own peak (``ru_maxrss``) is exact; sampling adds what child
+    processes (Ray's workers and object store) hold.
+    """
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.peak = max(self.peak, _tree_rss(os.getpid()))
-            self._stop.wait(0.05)
+            self._done.wait(0.5)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._done.set()
         self.join()
-        return max(self.peak, _tree_rss(os.getpid()))
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(self.peak, _tree_rss(os.getpid()), own)
 
 
 def _bare_round(model, state, x, y, parts, chosen, rnd):  # type: ignore[no-untyped-def]
@@ -103,8 +109,11 @@ def _bare_round(model, state, x, y, parts, chosen, rnd):  # type: ignore[no-unty
     }
 
 
-def child(variant: str, clients: int, per_round: int, rounds: int) -> None:
+def child(
+    variant: str, clients: int, per_round: int, rounds: int, threads: int
+) -> None:
     """Run one variant in this process and print one JSON line."""
+    torch.set_num_threads(threads)
     from veil.data import iid, load_mnist
     from veil.learning import FedAvg, SGDTrainer
     from veil.models import build_model
@@ -153,9 +162,11 @@ def child(variant: str, clients: int, per_round: int, rounds: int) -> None:
         runtime.shutdown()  # type: ignore[union-attr]
 
 
-def measure(variant: str, clients: int, per_round: int, rounds: int) -> dict:
+def measure(
+    variant: str, clients: int, per_round: int, rounds: int, threads: int
+) -> dict:
     command = [sys.executable, __file__, "--child", variant, str(clients)]
-    command += [str(per_round), "--rounds", str(rounds)]
+    command += [str(per_round), "--rounds", str(rounds), "--threads", str(threads)]
     out = subprocess.run(
         command,
         capture_output=True,
@@ -169,22 +180,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process/task"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         variant, clients, per_round = args.child
-        child(variant, int(clients), int(per_round), args.rounds)
+        child(variant, int(clients), int(per_round), args.rounds, args.threads)
         return
 
-    print(f"tanh-cnn, full MNIST, E=1, B={BATCH}, {os.cpu_count()} CPUs")
+    print(
+        f"tanh-cnn, full MNIST, E=1, B={BATCH}, {os.cpu_count()} CPUs, "
+        f"{args.threads} torch thread(s) per process or Ray task"
+    )
     print(
         f"{'clients':>8}{'per round':>10} {'variant':<11}{'s/round':>9}"
         f"{'x bare':>8}{'peak MB':>9}{'x bare':>8}"
     )
     for clients in args.clients:
         per_round = min(100, max(10, clients // 100))
-        rows = {v: measure(v, clients, per_round, args.rounds) for v in args.variants}
+        rows = {
+            v: measure(v, clients, per_round, args.rounds, args.threads)
+            for v in args.variants
+        }
         base = rows.get("bare")
         for v, r in rows.items():
             t_ratio = r["seconds"] / base["seconds"] if base else float("nan")
