@@ -101,3 +101,14 @@ class BudgetExceededError(PrivacyError):
             f"(spent {epsilon_spent:.4g}, the next step would reach "
             f"{epsilon_next:.4g})"
         )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only __init__: rebuild from the attributes, so the error survives
+        # pickling (a client that stopped in a Ray worker reports it to the driver).
+        keys = ["steps_done", "epsilon_spent", "epsilon_next"]
+        keys += ["budget_epsilon", "budget_delta", "result"]
+        return (_rebuild_budget_error, ({k: getattr(self, k) for k in keys},))
+
+
+def _rebuild_budget_error(attributes: dict[str, object]) -> BudgetExceededError:
+    return BudgetExceededError(**attributes)  # type: ignore[arg-type]

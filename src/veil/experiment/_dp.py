@@ -175,6 +175,14 @@ class ClientPrivacy:
         """The client's trainer, recording into the client's own ledger."""
         return self.trainer.with_ledger(self.ledgers[client_id])
 
+    def client_state(self, client_id: int) -> dict[str, Any]:
+        """The client's ledger as JSON-able values (it travels with the client)."""
+        return self.ledgers[client_id].to_dict()
+
+    def load_client_state(self, client_id: int, state: dict[str, Any]) -> None:
+        """Replace the client's ledger by one returned from where it ran."""
+        self.ledgers[client_id] = PrivacyLedger.from_dict(state)
+
     def epsilons(self) -> list[float]:
         """Each client's epsilon at ``delta`` (0 for a client that never trained)."""
         return [ledger.epsilon(self.delta) for ledger in self.ledgers.values()]

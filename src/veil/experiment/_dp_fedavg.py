@@ -24,9 +24,9 @@ import dp_accounting as dpa
 
 from veil.errors import BudgetExceededError, PrivacyError, UpdateError
 from veil.experiment._dp import write_ledger
+from veil.experiment._runtime import open_runtime
 from veil.experiment.config import DPFedAvgConfig, ExperimentConfig
 from veil.learning import AdaptiveClipping, DPFedAvg, SGDTrainer, StateDict, evaluate
-from veil.models import build_model
 from veil.privacy import (
     PrivacyBudget,
     PrivacyEvent,
@@ -34,7 +34,7 @@ from veil.privacy import (
     calibrate_noise_multiplier,
     make_accountant,
 )
-from veil.runtime import RoundStats, SimulationRuntime
+from veil.runtime import RoundStats
 
 if TYPE_CHECKING:
     from veil.experiment.runner import RunContext
@@ -154,16 +154,13 @@ def build_dp_fedavg(
 
 
 def run_dp_fedavg(ctx: RunContext) -> StateDict:
-    """DP-FedAvg in the simulation runtime; stops before a round over budget, or
+    """DP-FedAvg in the configured runtime; stops before a round over budget, or
     when a round's updates are refused (a diverged client), keeping the last model."""
     config = ctx.config
     cfg = config.dp_fedavg
     assert cfg is not None
     algorithm, delta = build_dp_fedavg(
         config, ctx.initial_state, len(ctx.client_indices)
-    )
-    runtime = SimulationRuntime(
-        lambda: build_model(config.model.name), ctx.dataset.train, ctx.client_indices
     )
     model = ctx.new_model()
     test = ctx.dataset.test
@@ -195,23 +192,24 @@ def run_dp_fedavg(ctx: RunContext) -> StateDict:
         logger.info("dp-fedavg round %d: accuracy %.4f", rnd, accuracy)
         ctx.advance(METHOD, rnd, accuracy)
 
-    pending: list[RoundStats] = []
-    for rnd in range(1, cfg.rounds + 1):
-        try:
-            pending.append(runtime.run_round(algorithm, rnd))
-        except BudgetExceededError as exc:
-            logger.warning("dp-fedavg stopped before round %d: %s", rnd, exc)
-            log(rnd - 1, pending, stopped="budget")
-            break
-        except UpdateError as exc:
-            # A diverged client (NaN) ends the run with the last good model; the
-            # refused round released nothing, so the ledger is complete as it is.
-            logger.warning("dp-fedavg stopped in round %d: %s", rnd, exc)
-            log(rnd - 1, pending, stopped="refused")
-            break
-        if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            log(rnd, pending)
-            pending = []
+    with open_runtime(config, ctx.dataset.train, ctx.client_indices) as runtime:
+        pending: list[RoundStats] = []
+        for rnd in range(1, cfg.rounds + 1):
+            try:
+                pending.append(runtime.run_round(algorithm, rnd))
+            except BudgetExceededError as exc:
+                logger.warning("dp-fedavg stopped before round %d: %s", rnd, exc)
+                log(rnd - 1, pending, stopped="budget")
+                break
+            except UpdateError as exc:
+                # A diverged client (NaN) ends the run with the last good model; the
+                # refused round released nothing, so the ledger is complete as it is.
+                logger.warning("dp-fedavg stopped in round %d: %s", rnd, exc)
+                log(rnd - 1, pending, stopped="refused")
+                break
+            if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                log(rnd, pending)
+                pending = []
     if ctx.run_dir is not None:
         write_ledger(
             ctx.run_dir,

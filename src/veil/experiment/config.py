@@ -39,6 +39,7 @@ __all__ = [
     "FedAvgConfig",
     "LocalConfig",
     "ModelConfig",
+    "RayConfig",
     "SecAggConfig",
     "StandaloneConfig",
     "dump_config",
@@ -320,6 +321,21 @@ class DSSGDConfig(_Section):
         return list(u) if isinstance(u, list) else [u]
 
 
+class RayConfig(_Section):
+    """``[ray]``: the Ray runtime (``runtime = "ray"``).
+
+    ``address`` joins an existing cluster (``"auto"``, ``"ray://host:10001"``);
+    without it veil starts a local Ray with ``num_cpus`` CPUs (default: all).
+    Each client task reserves ``cpus_per_client`` CPUs (a fraction packs several
+    clients per CPU) and, when set, ``memory_per_client_mb`` MiB of memory.
+    """
+
+    address: str | None = None
+    num_cpus: PositiveInt | None = None
+    cpus_per_client: PositiveFloat = 1.0
+    memory_per_client_mb: PositiveInt | None = None
+
+
 class ExperimentConfig(_Section):
     """The whole experiment. Methods run in the order of :data:`METHOD_NAMES`."""
 
@@ -327,6 +343,7 @@ class ExperimentConfig(_Section):
     seed: int = 0
     methods: list[str] = Field(default_factory=lambda: ["fedavg"], min_length=1)
     target_accuracy: Annotated[float, Field(gt=0, le=1)] | None = None
+    runtime: Literal["simulation", "ray"] = "simulation"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     local: LocalConfig = LocalConfig()
@@ -338,6 +355,7 @@ class ExperimentConfig(_Section):
     dp_fedavg: DPFedAvgConfig | None = None
     secagg: SecAggConfig = SecAggConfig()
     dssgd: DSSGDConfig = DSSGDConfig()
+    ray: RayConfig = RayConfig()
 
     @field_validator("methods")
     @classmethod

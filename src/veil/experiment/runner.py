@@ -52,13 +52,14 @@ from veil.errors import BudgetExceededError, ConfigError
 from veil.experiment._dp import client_privacy, run_central_dp, write_ledger
 from veil.experiment._dp_fedavg import run_dp_fedavg
 from veil.experiment._dssgd import run_dssgd
+from veil.experiment._runtime import open_runtime
 from veil.experiment._secagg import SecureFedAvg, secure_fedavg
 from veil.experiment.config import METHOD_NAMES, ExperimentConfig, dump_config
 from veil.experiment.report import write_report
 from veil.experiment.rundir import MetricsLog, new_run_dir, save_model
 from veil.learning import FedAvg, SGDTrainer, StateDict, evaluate
 from veil.models import build_model
-from veil.runtime import RoundStats, SimulationRuntime
+from veil.runtime import RoundStats
 
 __all__ = ["METHODS", "RunContext", "run_experiment"]
 
@@ -93,7 +94,7 @@ class RunContext:
 
 
 def run_fedavg(ctx: RunContext) -> StateDict:
-    """FedAvg in the simulation runtime, evaluated on the test set every few rounds."""
+    """FedAvg in the configured runtime, evaluated on the test set every few rounds."""
     cfg = ctx.config
     local = cfg.local
     privacy = client_privacy(cfg, ctx.client_indices) if cfg.fedavg.local_dp else None
@@ -104,12 +105,10 @@ def run_fedavg(ctx: RunContext) -> StateDict:
         trainer=SGDTrainer(local.lr, local.epochs, local.batch_size),
         seed=cfg.seed,
         trainer_for=None if privacy is None else privacy.trainer_for,
+        client_states=privacy,
     )
     if cfg.fedavg.secure_aggregation:
         algorithm = secure_fedavg(algorithm, cfg, ctx.client_indices)
-    runtime = SimulationRuntime(
-        lambda: build_model(cfg.model.name), ctx.dataset.train, ctx.client_indices
-    )
     model = ctx.new_model()
     test = ctx.dataset.test
 
@@ -136,19 +135,20 @@ def run_fedavg(ctx: RunContext) -> StateDict:
         logger.info("fedavg round %d: accuracy %.4f", rnd, accuracy)
         ctx.advance("fedavg", rnd, accuracy)
 
-    pending: list[RoundStats] = []  # rounds since the last evaluation
-    for rnd in range(1, cfg.fedavg.rounds + 1):
-        try:
-            pending.append(runtime.run_round(algorithm, rnd))
-        except BudgetExceededError as exc:
-            # A client's next step would exceed its budget: this round is not
-            # aggregated and the run ends with the model of the round before.
-            logger.warning("fedavg stopped in round %d: %s", rnd, exc)
-            log(rnd - 1, _merge(pending, rnd - 1), stopped="budget")
-            break
-        if rnd % cfg.fedavg.eval_every == 0 or rnd == cfg.fedavg.rounds:
-            log(rnd, _merge(pending, rnd))
-            pending = []
+    with open_runtime(cfg, ctx.dataset.train, ctx.client_indices) as runtime:
+        pending: list[RoundStats] = []  # rounds since the last evaluation
+        for rnd in range(1, cfg.fedavg.rounds + 1):
+            try:
+                pending.append(runtime.run_round(algorithm, rnd))
+            except BudgetExceededError as exc:
+                # A client's next step would exceed its budget: this round is not
+                # aggregated and the run ends with the model of the round before.
+                logger.warning("fedavg stopped in round %d: %s", rnd, exc)
+                log(rnd - 1, _merge(pending, rnd - 1), stopped="budget")
+                break
+            if rnd % cfg.fedavg.eval_every == 0 or rnd == cfg.fedavg.rounds:
+                log(rnd, _merge(pending, rnd))
+                pending = []
     if privacy is not None and ctx.run_dir is not None:
         write_ledger(ctx.run_dir, "fedavg", privacy.ledgers, privacy.delta)
     return algorithm.global_state

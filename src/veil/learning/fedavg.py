@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from veil.errors import ConfigError, UpdateError
 from veil.learning._types import ClientResult, ClientTask, StateDict
 from veil.learning.local import LocalTrainer
 
-__all__ = ["FedAvg", "check_update", "weighted_average"]
+__all__ = ["ClientStates", "FedAvg", "check_update", "weighted_average"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,15 @@ def weighted_average(
     return averaged
 
 
+class ClientStates(Protocol):
+    """State each client keeps between rounds (a DP client's privacy ledger), as
+    plain JSON-able values, so it can travel with a client run out of process."""
+
+    def client_state(self, client_id: int) -> Any: ...
+
+    def load_client_state(self, client_id: int, state: Any) -> None: ...
+
+
 @dataclass
 class FedAvg:
     """The FedAvg server and client logic, free of I/O.
@@ -103,6 +113,9 @@ class FedAvg:
         trainer_for: the trainer of one client, by id, when clients differ (DP-SGD
             clients each record into their own privacy ledger); ``None`` (default)
             gives every client ``trainer``.
+        client_states: where clients keep state between rounds, when they do;
+            runtimes that run clients outside this process (Ray) carry it through
+            :meth:`client_state` and :meth:`load_client_state`.
     """
 
     global_state: StateDict
@@ -111,6 +124,7 @@ class FedAvg:
     trainer: LocalTrainer
     seed: int = 0
     trainer_for: Callable[[int], LocalTrainer] | None = None
+    client_states: ClientStates | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.client_fraction <= 1:
@@ -123,6 +137,18 @@ class FedAvg:
     @property
     def clients_per_round(self) -> int:
         return max(round(self.client_fraction * self.num_clients), 1)
+
+    def client_state(self, client_id: int) -> Any:
+        """The state client ``client_id`` keeps between rounds, or ``None``."""
+        if self.client_states is None:
+            return None
+        return self.client_states.client_state(client_id)
+
+    def load_client_state(self, client_id: int, state: Any) -> None:
+        """Replace client ``client_id``'s state by ``state`` (from
+        :meth:`client_state`, after the client ran elsewhere)."""
+        if self.client_states is not None and state is not None:
+            self.client_states.load_client_state(client_id, state)
 
     def configure_round(self, rnd: int) -> list[ClientTask]:
         """Choose this round's clients and the task each of them gets."""

@@ -1,10 +1,25 @@
 """Runtimes: where a client's work runs and how messages travel.
 
-Only the simulation runtime (clients as objects in one process) exists so far; the
-Ray and network runtimes implement the same :class:`Runtime` protocol.
+The simulation runtime runs clients as objects in one process; the Ray runtime runs
+each client's local work as a Ray task (``pip install 'veil[ray]'``). Both implement
+the same :class:`Runtime` protocol and give the same model for the same seed. The
+network runtime (a server and device processes over HTTPS) is to come.
 """
 
-from veil.runtime._base import FederatedAlgorithm, RoundStats, Runtime
+from veil.runtime._base import (
+    FederatedAlgorithm,
+    RoundStats,
+    Runtime,
+    client_state_hooks,
+)
+from veil.runtime.ray_runtime import RayRuntime
 from veil.runtime.simulation import SimulationRuntime
 
-__all__ = ["FederatedAlgorithm", "RoundStats", "Runtime", "SimulationRuntime"]
+__all__ = [
+    "FederatedAlgorithm",
+    "RayRuntime",
+    "RoundStats",
+    "Runtime",
+    "SimulationRuntime",
+    "client_state_hooks",
+]

@@ -7,16 +7,16 @@ only decides where ``client_fit`` runs and how tasks and results travel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from veil.learning._types import ClientResult, ClientTask
 
-__all__ = ["FederatedAlgorithm", "RoundStats", "Runtime"]
+__all__ = ["FederatedAlgorithm", "RoundStats", "Runtime", "client_state_hooks"]
 
 
 class FederatedAlgorithm(Protocol):
@@ -50,6 +50,31 @@ class RoundStats:
     bytes_down: int
     train_loss: float
     seconds: float
+
+
+def _no_state(client_id: int) -> None:
+    return None
+
+
+def _ignore_state(client_id: int, state: Any) -> None:
+    return None
+
+
+def client_state_hooks(
+    algorithm: object,
+) -> tuple[Callable[[int], Any], Callable[[int, Any], None]]:
+    """``(client_state, load_client_state)`` of an algorithm whose clients keep state
+    between rounds (a DP client's privacy ledger), or two no-ops.
+
+    A runtime that runs a client outside this process (Ray, a phone) sends the
+    algorithm with the client's state and loads the state the client returns, so
+    the driver's copy stays the one that counts.
+    """
+    get = getattr(algorithm, "client_state", None)
+    load = getattr(algorithm, "load_client_state", None)
+    if get is None or load is None:
+        return _no_state, _ignore_state
+    return get, load
 
 
 class Runtime(Protocol):

@@ -1,0 +1,237 @@
+"""The Ray runtime: every client's local work is a Ray task.
+
+Where the simulation runtime runs clients one after another in this process, this
+runtime hands each client's ``client_fit`` to Ray, which runs the tasks on as many
+processes (and machines) as it has CPUs for. The algorithm code is the same; only
+where it runs changes.
+
+What travels, and how often:
+
+- the training set is put in Ray's object store once, when the runtime starts, as
+  NumPy arrays that workers read without copying; a task receives its client's
+  example indices and gathers only those rows;
+- the global model is put in the object store once per round and shared by every
+  task of the round (tasks travel with an empty ``global_state``);
+- the algorithm object is put once per round, so client-side state it carries (a
+  DP client's privacy ledger) is current when a task starts. State a client changes
+  comes back with its result and is loaded into the driver's algorithm: the ledger
+  stays where the accounting is done, as it would on a phone that reports it.
+
+For the same seed the result equals the simulation runtime's: every task draws its
+randomness from its own seed, results are aggregated in the order of the tasks, and
+a worker uses the driver's number of torch threads unless told otherwise.
+
+Ray moves Python objects with its own serialiser (pickle). That is safe only between
+processes of one trusted cluster, which is what this runtime is for; whatever comes
+from a device over a network goes through the network runtime's safetensors/JSON
+validation instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from veil.data import Dataset
+from veil.errors import ConfigError, DataError
+from veil.learning._types import ClientResult, ClientTask
+from veil.learning.encoding import encoded_size
+from veil.runtime._base import FederatedAlgorithm, RoundStats, client_state_hooks
+
+__all__ = ["RayRuntime"]
+
+logger = logging.getLogger(__name__)
+
+ModelFn = Callable[[], nn.Module]
+
+# One scratch model per worker process, built on first use and reused by later tasks
+# (Ray keeps worker processes alive between tasks). Keyed by the model function.
+_MODELS: dict[int, nn.Module] = {}
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "runtime 'ray' needs Ray: pip install 'veil[ray]' (or pip install ray)"
+        ) from None
+    return ray
+
+
+def _client_task(
+    algorithm: FederatedAlgorithm,
+    model_fn: ModelFn,
+    task: ClientTask,
+    global_state: dict[str, torch.Tensor],
+    x: np.ndarray,
+    y: np.ndarray,
+    indices: np.ndarray,
+    threads: int,
+) -> tuple[ClientResult | None, BaseException | None, Any]:
+    """Run one client in a Ray worker: ``(result, error, client state)``.
+
+    A veil error (a client whose next step would exceed its privacy budget) comes back
+    as a value, with the client's state as it stood when the error was raised, so the
+    driver records exactly what the simulation runtime would have.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    model = _MODELS.get(id(model_fn))
+    if model is None:
+        model = _MODELS[id(model_fn)] = model_fn()
+    task = dataclasses.replace(task, global_state=global_state)
+    # Gather the client's rows: a copy of its examples only, never of the dataset.
+    cx, cy = torch.from_numpy(x[indices]), torch.from_numpy(y[indices])
+    get_state, _ = client_state_hooks(algorithm)
+    try:
+        result = algorithm.client_fit(task, model, cx, cy)
+    except Exception as exc:  # returned, re-raised by the driver
+        return None, exc, get_state(task.client_id)
+    return result, None, get_state(task.client_id)
+
+
+class RayRuntime:
+    """Runs every client of a round as a Ray task.
+
+    Args:
+        model_fn: builds the model architecture clients train (weights are
+            overwritten by each task). Must be picklable (a module-level function or
+            a ``functools.partial`` of one; a lambda works with Ray's cloudpickle).
+        train: the training set; put in the object store once.
+        client_indices: for each client, the indices of its examples in ``train``.
+        address: an existing Ray cluster (``"auto"``, ``"ray://host:10001"``, ...);
+            ``None`` starts a local Ray, or joins the one already running in this
+            process.
+        num_cpus: CPUs of a local Ray started here (``None``: all of this machine's).
+        cpus_per_client: CPUs Ray reserves for one client task (> 0; may be a
+            fraction to run several clients per CPU).
+        memory_per_client: bytes of memory Ray reserves for one client task, or
+            ``None`` for no reservation.
+        threads: torch threads inside a task; ``None`` uses the driver's current
+            number, so results match the simulation runtime bit for bit.
+    """
+
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        train: Dataset,
+        client_indices: Sequence[np.ndarray],
+        *,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        cpus_per_client: float = 1.0,
+        memory_per_client: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        empty = [k for k, idx in enumerate(client_indices) if len(idx) == 0]
+        if empty:
+            raise DataError(
+                f"clients {empty[:10]} have no examples; choose fewer clients or "
+                "another partition"
+            )
+        if not cpus_per_client > 0:
+            raise ConfigError(f"cpus_per_client must be > 0, got {cpus_per_client}")
+        if memory_per_client is not None and memory_per_client <= 0:
+            raise ConfigError(
+                f"memory_per_client must be > 0 bytes, got {memory_per_client}"
+            )
+        self._ray = ray = _import_ray()
+        self._started = not ray.is_initialized()
+        if self._started:
+            ray.init(
+                address=address,
+                num_cpus=None if address else num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        resources: dict[str, Any] = {"num_cpus": cpus_per_client}
+        if memory_per_client is not None:
+            resources["memory"] = memory_per_client
+        self._remote = ray.remote(_client_task).options(**resources)
+        self._model_fn = ray.put(model_fn)
+        self._x = ray.put(train.x.numpy())
+        self._y = ray.put(train.y.numpy())
+        self._indices = [np.asarray(i, dtype=np.int64) for i in client_indices]
+        self._threads = torch.get_num_threads() if threads is None else threads
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._indices)
+
+    def run_round(self, algorithm: FederatedAlgorithm, rnd: int) -> RoundStats:
+        """Configure, run the chosen clients as Ray tasks, aggregate.
+
+        Raises:
+            DataError: a task names a client this runtime does not hold.
+            Exception: the first error a client raised (in task order), after the
+                state of every client that ran has been loaded back; nothing is
+                aggregated.
+        """
+        ray = self._ray
+        start = time.perf_counter()
+        tasks = algorithm.configure_round(rnd)
+        for task in tasks:
+            if not 0 <= task.client_id < self.num_clients:
+                raise DataError(
+                    f"client_id must be in [0, {self.num_clients}), "
+                    f"got {task.client_id}"
+                )
+        algorithm_ref = ray.put(algorithm)
+        # One object per distinct global model (FedAvg sends every client the same).
+        states: dict[int, Any] = {}
+        for task in tasks:
+            if id(task.global_state) not in states:
+                states[id(task.global_state)] = ray.put(task.global_state)
+        refs = [
+            self._remote.remote(
+                algorithm_ref,
+                self._model_fn,
+                dataclasses.replace(task, global_state={}),
+                states[id(task.global_state)],
+                self._x,
+                self._y,
+                self._indices[task.client_id],
+                self._threads,
+            )
+            for task in tasks
+        ]
+        outcomes = ray.get(refs)
+
+        _, load_state = client_state_hooks(algorithm)
+        results: list[ClientResult] = []
+        errors: list[BaseException] = []
+        for task, (result, error, state) in zip(tasks, outcomes, strict=True):
+            load_state(task.client_id, state)
+            if error is not None:
+                errors.append(error)
+            elif result is not None:
+                results.append(result)
+        if errors:
+            raise errors[0]
+        algorithm.aggregate(rnd, results)
+        weights = sum(r.num_examples for r in results)
+        loss = sum(r.loss * r.num_examples for r in results) / max(weights, 1)
+        return RoundStats(
+            round=rnd,
+            clients=len(results),
+            bytes_up=sum(encoded_size(r.update) for r in results),
+            bytes_down=sum(encoded_size(t.global_state) for t in tasks),
+            train_loss=loss,
+            seconds=time.perf_counter() - start,
+        )
+
+    def shutdown(self) -> None:
+        """Disconnect from Ray if this runtime connected (stopping a local Ray it
+        started); a Ray that was already running in this process is left running."""
+        if self._started and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._started = False

@@ -1,0 +1,88 @@
+"""``runtime`` in the config: the same run on the simulation and Ray runtimes."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import ray
+
+from veil.data import FederatedDataset
+from veil.errors import ConfigError
+from veil.experiment import parse_config, run_experiment
+
+CONFIG = """
+name = "tiny-runtime"
+seed = 2
+methods = {methods}
+runtime = "{runtime}"
+[data]
+dataset = "tiny"
+num_clients = 6
+[model]
+name = "2nn"
+[local]
+batch_size = 20
+[fedavg]
+rounds = 2
+client_fraction = 0.5
+secure_aggregation = {secure}
+[ray]
+num_cpus = 2
+"""
+
+# Every federated method, as it runs on Ray: plain FedAvg, FedAvg under secure
+# aggregation (clients drop out), DP-FedAvg with adaptive clipping and distributed
+# noise.
+METHODS = {
+    "fedavg": ('["fedavg"]', "false", ""),
+    "secagg": ('["fedavg"]', "true", "[secagg]\ndropout_rate = 0.3\n"),
+    "dp-fedavg": (
+        '["dp-fedavg"]',
+        "false",
+        "[dp_fedavg]\nrounds = 2\nsample_rate = 0.5\nnoise_multiplier = 1.0\n"
+        "adaptive_clipping = true\nplacement = 'distributed'\n",
+    ),
+}
+
+
+def _config(runtime: str, case: str = "fedavg") -> str:
+    methods, secure, extra = METHODS[case]
+    return CONFIG.format(runtime=runtime, methods=methods, secure=secure) + extra
+
+
+def _accuracies(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["accuracy"] for line in lines]
+
+
+@pytest.mark.parametrize("case", sorted(METHODS))
+def test_ray_run_matches_simulation_run(
+    case: str, tiny_dataset: FederatedDataset, tmp_path: Path
+) -> None:
+    runs = {}
+    for runtime in ("simulation", "ray"):
+        config = parse_config(tomllib.loads(_config(runtime, case)))
+        runs[runtime] = run_experiment(
+            config, run_dir=tmp_path / runtime, progress=False
+        )
+    assert not ray.is_initialized()  # the local Ray veil started is stopped
+    assert _accuracies(runs["ray"]) == _accuracies(runs["simulation"])
+    method = "dp-fedavg" if case == "dp-fedavg" else "fedavg"
+    model = Path("models") / f"{method}.safetensors"
+    assert (runs["ray"] / model).read_bytes() == (
+        runs["simulation"] / model
+    ).read_bytes()
+
+
+def test_unknown_runtime_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"'runtime'.*'simulation' or 'ray'"):
+        parse_config(tomllib.loads(_config("network")))
+
+
+def test_bad_ray_setting_is_named() -> None:
+    text = _config("ray") + "cpus_per_client = 0\n"  # under [ray], the last table
+    with pytest.raises(ConfigError, match=r"'ray.cpus_per_client'"):
+        parse_config(tomllib.loads(text))
