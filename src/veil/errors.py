@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "PrivacyError",
+    "ServiceError",
     "UpdateError",
     "VeilError",
 ]
@@ -75,3 +76,16 @@ class BudgetExceededError(PrivacyError):
             f"(spent {epsilon_spent:.4g}, the next step would reach "
             f"{epsilon_next:.4g})"
         )
+
+
+class ServiceError(VeilError):
+    """A request to a veil HTTP service was refused or could not be answered.
+
+    Attributes:
+        status_code: the HTTP status the service answers with (4xx: the request
+            was wrong; 5xx or 0: the service failed or could not be reached).
+    """
+
+    def __init__(self, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code

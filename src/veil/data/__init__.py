@@ -11,9 +11,10 @@ from veil.data._datasets import (
     FederatedDataset,
     load_dataset,
     load_mnist,
+    load_phishing,
     resolve_data_dir,
 )
-from veil.data._formats import read_csv, read_idx, read_npz
+from veil.data._formats import read_arff, read_csv, read_idx, read_npz
 from veil.data.partition import PARTITIONERS, dirichlet, iid, natural, partition, shards
 
 __all__ = [
@@ -25,8 +26,10 @@ __all__ = [
     "iid",
     "load_dataset",
     "load_mnist",
+    "load_phishing",
     "natural",
     "partition",
+    "read_arff",
     "read_csv",
     "read_idx",
     "read_npz",
