@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from veil.commands.infer import app as infer_app
 from veil.commands.privacy import app as privacy_app
 from veil.errors import VeilError
 
@@ -27,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(infer_app, name="infer")
 err = Console(stderr=True)
 
 DataDir = Annotated[
