@@ -24,7 +24,7 @@ lr = 0.001
 batch_size = 128
 
 [perturbation]             # what a device applies to every query
-bound = 1.0                # L1 norm bound B
+bound = 16.0               # L1 norm bound B (privacy does not depend on it)
 nullification_rate = 0.1   # mu
 epsilon = 5.0              # per-query epsilon of the deployed cloud part
 
@@ -118,9 +118,14 @@ class PretrainConfig(_Section):
 
 
 class PerturbationConfig(_Section):
-    """``[perturbation]``: the device's bound, nullification rate and epsilon."""
+    """``[perturbation]``: the device's bound, nullification rate and epsilon.
 
-    bound: PositiveFloat = 1.0
+    The privacy of a query does not depend on ``bound`` (the noise scales with it);
+    it sets the scale of the cloud part's inputs, which trains best near 1 per
+    element: about the representation's width.
+    """
+
+    bound: PositiveFloat = 16.0
     nullification_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1
     epsilon: PositiveFloat = 5.0
 
