@@ -232,10 +232,16 @@ def read_arff(path: str | Path) -> tuple[np.ndarray, list[str]]:
 
 
 def _arff_attribute(path: Path, line: str) -> str:
-    parts = line.split(None, 2)
-    if len(parts) < 3:
+    rest = line.split(None, 1)[1].strip() if len(line.split(None, 1)) == 2 else ""
+    quote = rest[:1]
+    if quote in ("'", '"') and quote in rest[1:]:
+        end = rest.index(quote, 1)
+        name, kind = rest[1:end], rest[end + 1 :].strip()
+    else:
+        name, _, kind = rest.replace("\t", " ").partition(" ")
+        kind = kind.strip()
+    if not name or not kind:
         raise DataError(f"{path}: bad attribute line {line!r}")
-    name, kind = parts[1].strip("'\""), parts[2].strip()
     if kind.lower() in ("numeric", "real", "integer"):
         return name
     if kind.startswith("{") and kind.endswith("}"):
