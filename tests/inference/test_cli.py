@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from tests.conftest import make_tiny
 from veil.cli import app
 from veil.data import DATASETS, FederatedDataset
-from veil.errors import BudgetExceededError, ConfigError
+from veil.errors import BudgetExceededError, ConfigError, DataError
 from veil.inference import load_split, read_spec
 from veil.inference.config import parse_inference_config
 from veil.inference.query import run_query
@@ -185,3 +186,23 @@ def test_missing_run_dir_is_status_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["infer", "export", str(tmp_path)])
     assert result.exit_code == 2
     assert "veil infer train" in result.output
+
+
+def test_query_reads_inputs_from_safetensors(run_dir: Path, tmp_path: Path) -> None:
+    split = load_split(run_dir, ["plain"])
+    client = TestClient(create_app(split.clouds["plain"], 8, 10))
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    save_file({"x": torch.randn(2, 1, 28, 28)}, good)
+    save_file({"x": torch.randn(2, 28, 28)}, bad)
+    answer = run_query(run_dir, "http://testserver", inputs=good, client=client)
+    assert len(answer["predictions"]) == 2 and answer["labels"] is None
+    with pytest.raises(DataError, match="shape"):
+        run_query(run_dir, "http://testserver", inputs=bad, client=client)
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04junk")
+    with pytest.raises(DataError, match="safetensors"):
+        run_query(
+            run_dir,
+            "http://testserver",
+            inputs=tmp_path / "pickle.safetensors",
+            client=client,
+        )

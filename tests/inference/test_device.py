@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from veil.errors import BudgetExceededError, PrivacyError
 from veil.inference import Device, GeneratorLaplace, L1Bound, Perturbation, pure_epsilon
-from veil.privacy import PrivacyEvent, PrivacyLedger
+from veil.privacy import InsecureNoiseWarning, PrivacyEvent, PrivacyLedger
 
 
 class _Counting(nn.Module):
@@ -22,6 +23,21 @@ class _Counting(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return self.layer(x)
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::veil.privacy.InsecureNoiseWarning")
+
+
+def test_seeded_noise_on_a_device_warns_once_secure_does_not() -> None:
+    import veil.inference.device as module
+
+    module._warned = False
+    with pytest.warns(InsecureNoiseWarning, match="SecureLaplace"):
+        _device(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _device(None)  # once per process
+        Device(_Counting(), Perturbation(1.0, 0.0, 1.0))
 
 
 def _device(budget: float | None, epsilon: float = 2.0) -> Device:

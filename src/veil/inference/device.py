@@ -27,13 +27,19 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 
 import torch
 from torch import nn
 
 from veil.errors import BudgetExceededError, PrivacyError
-from veil.inference.perturb import LaplaceSource, Perturbation, SecureLaplace
-from veil.privacy import PrivacyLedger
+from veil.inference.perturb import (
+    GeneratorLaplace,
+    LaplaceSource,
+    Perturbation,
+    SecureLaplace,
+)
+from veil.privacy import InsecureNoiseWarning, PrivacyLedger
 
 __all__ = ["Device", "pure_epsilon"]
 
@@ -41,6 +47,20 @@ logger = logging.getLogger(__name__)
 
 # Relative slack when comparing sums of per-query epsilons to the budget.
 _TOLERANCE = 1e-9
+_warned = False
+
+
+def _warn_insecure() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "the device draws its Laplace noise from a seeded torch.Generator, which "
+            "is not cryptographically secure: whoever knows the seed can remove the "
+            "noise. Fine for experiments; on a phone use SecureLaplace (the default).",
+            InsecureNoiseWarning,
+            stacklevel=3,
+        )
 
 
 def pure_epsilon(ledger: PrivacyLedger) -> float:
@@ -102,6 +122,8 @@ class Device:
         self.budget_epsilon = budget_epsilon
         self.ledger = PrivacyLedger() if ledger is None else ledger
         self.noise = SecureLaplace() if noise is None else noise
+        if isinstance(self.noise, GeneratorLaplace):
+            _warn_insecure()
         self.generator = generator or torch.Generator().manual_seed(
             int.from_bytes(os.urandom(8), "big") >> 1
         )

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from safetensors.torch import load
 from torch import nn
 
-from veil.errors import ServiceError
+from veil.errors import ConfigError, ServiceError
 
 __all__ = ["TENSOR_NAME", "create_app", "decode_representation", "max_request_bytes"]
 
@@ -167,10 +167,9 @@ def create_app(
         max_batch: most representations per request, >= 1.
     """
     if features < 1 or num_classes < 2 or max_batch < 1:
-        raise ServiceError(
+        raise ConfigError(
             "features and max_batch must be >= 1 and num_classes >= 2, got "
-            f"{features}, {max_batch} and {num_classes}",
-            500,
+            f"{features}, {max_batch} and {num_classes}"
         )
     cloud_part.eval().requires_grad_(False)
     max_bytes = max_request_bytes(features, max_batch)
