@@ -222,7 +222,7 @@ def write_inference_report(run_dir: Path) -> Path:
         f"{results['train_examples']} examples, measured on "
         f"{results['test_examples']} test inputs (one query each).",
         "",
-        "Mechanism per query: bound the representation to L1 norm "
+        "Mechanism per query: scale the representation to L1 norm "
         f"B = {spec['bound']:g}, zero a random {spec['nullification_rate']:g} of its "
         "elements (drawn independently of the input), add i.i.d. Laplace noise of "
         "scale b = 2B / epsilon to every element. Neighbouring inputs: any two "

@@ -7,9 +7,11 @@ and only ``r~`` leaves the phone.
 The mechanism, for one input ``x`` whose representation ``r = f(x)`` has ``d``
 elements (each example is flattened):
 
-1. **Bound**: ``r' = r * min(1, B' / ||r||_1)`` with ``B' = B (1 - 1e-6)``, so
-   ``||r'||_1 <= B`` (``B`` is the norm ``bound``; the relative margin 1e-6 keeps
-   float32 rounding from pushing a result over ``B``). Computed in float64.
+1. **Bound**: scale to the norm bound: ``r' = r * B' / ||r||_1`` with
+   ``B' = B (1 - 1e-6)`` (``r' = 0`` if ``r = 0``), so ``||r'||_1 <= B`` (``B`` is the
+   norm ``bound``; the relative margin 1e-6 keeps float32 rounding from pushing a
+   result over ``B``). Computed in float64. Scaling small representations *up* too
+   matters: the noise is sized for ``B`` whatever the input's own norm.
 2. **Nullify**: pick ``k = round(mu * d)`` of the ``d`` positions uniformly at random,
    independently of ``x``, and set them to zero: ``r'' = r' * m`` (``mu`` is the
    ``nullification_rate``).
@@ -103,24 +105,24 @@ class SecureLaplace:
 
 
 def bound_l1(r: torch.Tensor, bound: float) -> torch.Tensor:
-    """Scale each example of ``r`` down to L1 norm at most ``bound``.
+    """Scale each example of ``r`` to L1 norm ``bound`` (a zero example stays zero).
 
     Args:
         r: representations, shape ``(N, ...)``; each example is flattened.
         bound: the norm bound ``B``, finite and > 0.
 
     Returns:
-        float32 tensor of ``r``'s shape: ``r[i] * min(1, B' / ||r[i]||_1)`` with
+        float32 tensor of ``r``'s shape: ``r[i] * B' / ||r[i]||_1`` with
         ``B' = B * (1 - 1e-6)`` (the margin covers float32 rounding), computed in
-        float64, so that every ``||out[i]||_1 <= B``. An example whose norm is at
-        most ``B'`` is returned unchanged. Written with export-friendly operations:
-        :class:`L1Bound` runs it inside the exported device part.
+        float64, so that every ``||out[i]||_1 <= B``. Scaling up as well as down
+        gives every representation the largest signal the noise (sized for ``B``)
+        allows. Written with export-friendly operations: :class:`L1Bound` runs it
+        inside the exported device part.
     """
     _check_bound(bound)
     flat = r.flatten(1).double()
-    norms = flat.abs().sum(dim=1, keepdim=True)
-    scale = torch.clamp(bound * (1 - _MARGIN) / norms, max=1.0)
-    return (flat * scale).float().reshape(r.shape)
+    norms = flat.abs().sum(dim=1, keepdim=True).clamp_min(1e-300)
+    return (flat * (bound * (1 - _MARGIN) / norms)).float().reshape(r.shape)
 
 
 class L1Bound(nn.Module):
