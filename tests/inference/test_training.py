@@ -59,20 +59,20 @@ def test_noisy_training_beats_plain_under_perturbation() -> None:
     data = make_tiny(n_train=800, n_test=400)
     torch.manual_seed(0)
     device, cloud = split_model(
-        build_split_model("split-mlp", (1, 28, 28), 10, features=8, hidden=64), 5
+        build_split_model("split-mlp", (1, 28, 28), 10, features=16, hidden=64), 5
     )
-    device = nn.Sequential(device, L1Bound(8.0))
+    device = nn.Sequential(device, L1Bound(16.0))
     g = torch.Generator().manual_seed(0)
     pretrain(device, cloud, data.train.x, data.train.y, FitSettings(6, 3e-3, 32), g)
     assert not any(p.requires_grad for p in device.parameters())
     clean = evaluate_split(device, cloud, data.test.x, data.test.y, None, g)
     assert clean > 0.95
-    # a quarter of the 8 elements nullified, little noise: the plain part suffers
-    p = Perturbation(8.0, 0.25, 200.0)
+    # Laplace noise of scale 3.2 on 16 elements of L1 norm 16: the plain part suffers
+    p = Perturbation(16.0, 0.0, 10.0)
     plain = evaluate_split(device, cloud, data.test.x, data.test.y, p, g)
     noisy = copy.deepcopy(cloud)
     frozen = copy.deepcopy(device.state_dict())
-    settings = FitSettings(3, 3e-3, 32)
+    settings = FitSettings(4, 3e-3, 32)
     augment = swap_augment(0.05)
     x, y = data.train.x, data.train.y
     train_cloud(device, noisy, x, y, p, settings, g, augment, 0.5)
