@@ -206,3 +206,58 @@ def test_query_reads_inputs_from_safetensors(run_dir: Path, tmp_path: Path) -> N
             inputs=tmp_path / "pickle.safetensors",
             client=client,
         )
+
+
+@pytest.mark.slow
+def test_serve_and_query_over_real_http(run_dir: Path, tmp_path: Path) -> None:
+    """`veil infer serve` in its own process, `veil infer query` against it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    veil = [str(Path(sys.executable).parent / "veil")]
+    server = subprocess.Popen(
+        [*veil, "infer", "serve", str(run_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                httpx.get(url + "/info", timeout=1.0)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        inputs = tmp_path / "x.safetensors"
+        save_file({"x": torch.randn(3, 1, 28, 28)}, inputs)
+        ledger = tmp_path / "ledger.json"
+        query = [
+            *veil,
+            "infer",
+            "query",
+            str(run_dir),
+            "--url",
+            url,
+            "--inputs",
+            str(inputs),
+            "--budget",
+            "20",
+            "--ledger",
+            str(ledger),
+        ]
+        done = subprocess.run(query, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert len(answer["predictions"]) == 3 and answer["epsilon_spent"] == 15.0
+        again = subprocess.run(query, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and "privacy budget" in again.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
