@@ -18,7 +18,7 @@ from veil.cli import app
 from veil.data import DATASETS, FederatedDataset
 from veil.errors import BudgetExceededError, ConfigError, DataError
 from veil.inference import load_split, read_spec
-from veil.inference.config import parse_inference_config
+from veil.inference.config import load_inference_config, parse_inference_config
 from veil.inference.query import run_query
 from veil.inference.service import create_app
 
@@ -261,3 +261,10 @@ def test_serve_and_query_over_real_http(run_dir: Path, tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_bundled_inference_configs_are_valid(repo_root: Path) -> None:
+    paths = sorted((repo_root / "experiments" / "inference").glob("*.toml"))
+    assert paths
+    for path in paths:
+        load_inference_config(path)
