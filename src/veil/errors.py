@@ -10,7 +10,10 @@ __all__ = [
     "BudgetExceededError",
     "ConfigError",
     "DataError",
+    "MessageError",
     "PrivacyError",
+    "RoundAbortedError",
+    "SecAggError",
     "ServiceError",
     "UpdateError",
     "VeilError",
@@ -31,6 +34,29 @@ class ConfigError(VeilError):
 
 class UpdateError(VeilError):
     """A client update was refused (wrong names or shapes, NaN, zero weight)."""
+
+
+class SecAggError(VeilError):
+    """Secure aggregation was asked for something it must refuse (a parameter that
+    would break the guarantee or wrap the sum, a request out of protocol order)."""
+
+
+class MessageError(SecAggError):
+    """A secure aggregation message is malformed, forged, replayed or from another
+    round. The server drops its sender from the round; the round goes on."""
+
+
+class RoundAbortedError(SecAggError):
+    """Too few clients are left for the secure aggregation round to finish: no sum is
+    returned and nothing about any one client's update is revealed.
+
+    Attributes:
+        bytes_up: bytes the clients had sent when the round stopped (0 if unknown).
+        bytes_down: bytes the clients had received.
+    """
+
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
 class PrivacyError(VeilError):

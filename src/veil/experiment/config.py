@@ -36,6 +36,7 @@ __all__ = [
     "FedAvgConfig",
     "LocalConfig",
     "ModelConfig",
+    "SecAggConfig",
     "StandaloneConfig",
     "dump_config",
     "load_config",
@@ -105,6 +106,36 @@ class FedAvgConfig(_Section):
     client_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
     eval_every: PositiveInt = 1
     local_dp: bool = False
+    secure_aggregation: bool = False
+
+
+class SecAggConfig(_Section):
+    """``[secagg]``: secure aggregation of FedAvg's updates
+    (``fedavg.secure_aggregation = true``; see docs/secagg.md).
+
+    ``threshold`` is the fraction of each client's share holders (itself and its
+    neighbours) needed to reconstruct its secrets; t is always more than half.
+    ``neighbours`` is ``"full"`` (Bonawitz et al. 2017), ``"auto"`` (SecAgg+, k from
+    the number of clients and ``dropout_rate``) or an even k. ``clip_range`` bounds
+    every coordinate of an update; ``bits`` is the modulus width. ``dropout_rate``
+    makes each chosen client drop out, in simulation, with that probability at a
+    step drawn uniformly. ``max_examples`` is the public bound on a client's example
+    count used for weighting (default: the largest client).
+    """
+
+    threshold: Annotated[float, Field(ge=0.5, le=1)] = 0.5
+    neighbours: Literal["full", "auto"] | Annotated[int, Field(ge=2)] = "full"
+    bits: Annotated[int, Field(ge=2, le=64)] = 32
+    clip_range: PositiveFloat = 1.0
+    dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    max_examples: PositiveInt | None = None
+
+    @field_validator("neighbours")
+    @classmethod
+    def _even(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v % 2:
+            raise ValueError("must be 'full', 'auto' or an even number >= 2")
+        return v
 
 
 class DPConfig(_Section):
@@ -184,6 +215,7 @@ class ExperimentConfig(_Section):
     standalone: StandaloneConfig = StandaloneConfig()
     dp: DPConfig | None = None
     central_dp: CentralDPConfig = CentralDPConfig()
+    secagg: SecAggConfig = SecAggConfig()
 
     @field_validator("methods")
     @classmethod

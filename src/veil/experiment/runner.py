@@ -10,6 +10,8 @@ registered in :data:`METHODS`:
 - ``fedavg``: FedAvg over the simulation runtime (:mod:`veil.learning.fedavg`).
 - ``centralized``: SGD on every client's data pooled on one machine.
 - ``standalone``: every client trains alone on its own data; mean, min and max accuracy.
+- ``fedavg`` with ``fedavg.secure_aggregation``: the server sees only the sum of the
+  clients' weighted updates (:mod:`veil.experiment._secagg`).
 - ``central-dp``: DP-SGD on the pooled data (:mod:`veil.experiment._dp`); with
   ``fedavg.local_dp`` FedAvg's clients train with DP-SGD, one ledger each. Ledgers
   are written to ``RUN_DIR/privacy/``.
@@ -44,6 +46,7 @@ from veil._seeding import Stream, derive_seed, numpy_rng, torch_generator
 from veil.data import FederatedDataset, load_dataset, partition
 from veil.errors import BudgetExceededError, ConfigError
 from veil.experiment._dp import client_privacy, run_central_dp, write_ledger
+from veil.experiment._secagg import SecureFedAvg, secure_fedavg
 from veil.experiment.config import METHOD_NAMES, ExperimentConfig, dump_config
 from veil.experiment.report import write_report
 from veil.experiment.rundir import MetricsLog, new_run_dir, save_model
@@ -96,6 +99,8 @@ def run_fedavg(ctx: RunContext) -> StateDict:
         seed=cfg.seed,
         trainer_for=None if privacy is None else privacy.trainer_for,
     )
+    if cfg.fedavg.secure_aggregation:
+        algorithm = secure_fedavg(algorithm, cfg, ctx.client_indices)
     runtime = SimulationRuntime(
         lambda: build_model(cfg.model.name), ctx.dataset.train, ctx.client_indices
     )
@@ -107,6 +112,8 @@ def run_fedavg(ctx: RunContext) -> StateDict:
         accuracy, loss = evaluate(model, test.x, test.y)
         if privacy is not None:
             extra["epsilon"] = max(privacy.epsilons())
+        if isinstance(algorithm, SecureFedAvg):
+            extra.update(algorithm.take_metrics())
         ctx.metrics.log(
             method="fedavg",
             axis="round",
