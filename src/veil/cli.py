@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from veil.commands.attack import app as attack_app
+from veil.commands.infer import app as infer_app
 from veil.commands.privacy import app as privacy_app
 from veil.errors import VeilError
 
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(attack_app, name="attack")
+app.add_typer(infer_app, name="infer")
 err = Console(stderr=True)
 
 DataDir = Annotated[

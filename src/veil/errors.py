@@ -14,6 +14,7 @@ __all__ = [
     "PrivacyError",
     "RoundAbortedError",
     "SecAggError",
+    "ServiceError",
     "UpdateError",
     "VeilError",
 ]
@@ -112,3 +113,16 @@ class BudgetExceededError(PrivacyError):
 
 def _rebuild_budget_error(attributes: dict[str, object]) -> BudgetExceededError:
     return BudgetExceededError(**attributes)  # type: ignore[arg-type]
+
+
+class ServiceError(VeilError):
+    """A request to a veil HTTP service was refused or could not be answered.
+
+    Attributes:
+        status_code: the HTTP status the service answers with (4xx: the request
+            was wrong; 5xx or 0: the service failed or could not be reached).
+    """
+
+    def __init__(self, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code

@@ -11,9 +11,10 @@ from veil.data._datasets import (
     FederatedDataset,
     load_dataset,
     load_mnist,
+    load_phishing,
     resolve_data_dir,
 )
-from veil.data._formats import read_csv, read_idx, read_npz
+from veil.data._formats import read_arff, read_csv, read_idx, read_npz
 from veil.data._mobile import (
     HAPT_ACTIVITIES,
     load_hapt,
@@ -39,9 +40,11 @@ __all__ = [
     "load_hapt",
     "load_hapt12",
     "load_mnist",
+    "load_phishing",
     "load_tuandromd",
     "natural",
     "partition",
+    "read_arff",
     "read_csv",
     "read_idx",
     "read_npz",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from veil.data._formats import read_idx
+from veil.data._formats import read_arff, read_idx
 from veil.errors import DataError
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "FederatedDataset",
     "load_dataset",
     "load_mnist",
+    "load_phishing",
     "resolve_data_dir",
 ]
 
@@ -165,8 +166,41 @@ def load_mnist(data_dir: str | Path | None = None) -> FederatedDataset:
     return FederatedDataset("mnist", splits["train"], splits["test"])
 
 
+_PHISHING_FILE = "phishing_websites_training_dataset.arff.gz"
+# Share of the phishing rows held out for testing, and the seed of that split.
+_PHISHING_TEST_FRACTION, _PHISHING_SPLIT_SEED = 0.2, 0
+
+
+def load_phishing(data_dir: str | Path | None = None) -> FederatedDataset:
+    """UCI Phishing Websites (11,055 websites, 30 features coded -1/0/1).
+
+    Features are ``float32`` of shape ``(N, 30)`` as coded in the file; the label
+    ``Result`` becomes 0 for -1 (phishing) and 1 for 1 (legitimate). The file has no
+    split: a fixed random 20% (seed 0, the same on every machine) is the test set,
+    2,211 test and 8,844 training examples.
+    """
+    folder = resolve_data_dir("uci-phishing-websites", data_dir)
+    verify_checksums(folder, [_PHISHING_FILE])
+    values, names = read_arff(folder / _PHISHING_FILE)
+    if names[-1] != "Result" or values.shape[1] != 31:
+        raise DataError(
+            f"{folder}: expected 30 features then 'Result', got {len(names)} "
+            f"attributes ending in {names[-1]!r}"
+        )
+    x = torch.from_numpy(values[:, :-1].copy())
+    y = torch.from_numpy((values[:, -1] > 0).astype(np.int64))
+    order = np.random.default_rng(_PHISHING_SPLIT_SEED).permutation(len(y))
+    n_test = round(_PHISHING_TEST_FRACTION * len(y))
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    full = Dataset(x, y, 2)
+    return FederatedDataset(
+        "uci-phishing-websites", full.subset(train), full.subset(test)
+    )
+
+
 DATASETS: dict[str, Callable[[str | Path | None], FederatedDataset]] = {
     "mnist": load_mnist,
+    "uci-phishing-websites": load_phishing,
 }
 
 

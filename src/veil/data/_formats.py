@@ -1,4 +1,4 @@
-"""Readers for the standard on-disk formats: MNIST IDX, CSV and NPZ.
+"""Readers for the standard on-disk formats: MNIST IDX, CSV, NPZ and numeric ARFF.
 
 Each reader returns NumPy arrays and raises :class:`~veil.errors.DataError` naming the
 file and what was wrong with it. Nothing here touches the network, and nothing is
@@ -16,7 +16,7 @@ import numpy as np
 
 from veil.errors import DataError
 
-__all__ = ["read_csv", "read_idx", "read_npz"]
+__all__ = ["read_arff", "read_csv", "read_idx", "read_npz"]
 
 # IDX type codes (third byte of the magic number) and their big-endian dtypes.
 _IDX_DTYPES: dict[int, np.dtype] = {
@@ -186,3 +186,72 @@ def read_npz(
             + ("" if users is None else f", users={len(users)}")
         )
     return x, y, users
+
+
+def read_arff(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Read a numeric ARFF file (Weka's format), optionally gzipped.
+
+    Every attribute must be ``numeric``/``real``/``integer`` or nominal with numeric
+    values (``{-1,0,1}``); the values are returned as numbers. Sparse rows, strings,
+    dates and missing values (``?``) are refused. ``%`` starts a comment.
+
+    Returns:
+        ``(values, names)``: ``float32`` array of shape ``(N, A)`` for the ``A``
+        attributes in file order, and their names.
+    """
+    path = Path(path)
+    text = _read_maybe_gzipped(path).decode("utf-8", errors="replace")
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("%")]
+    names: list[str] = []
+    start = None
+    for i, line in enumerate(lines):
+        word = line.split(None, 1)[0].lower()
+        if word == "@attribute":
+            names.append(_arff_attribute(path, line))
+        elif word == "@data":
+            start = i + 1
+            break
+    if start is None or not names:
+        raise DataError(f"{path} is not an ARFF file: @attribute or @data missing")
+    rows = []
+    for line_no, line in enumerate(lines[start:], start=1):
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != len(names):
+            raise DataError(
+                f"{path}, data row {line_no}: expected {len(names)} values, "
+                f"got {len(fields)}"
+            )
+        try:
+            rows.append([float(f) for f in fields])
+        except ValueError:
+            raise DataError(
+                f"{path}, data row {line_no}: values must be numbers, got {line!r}"
+            ) from None
+    return np.array(rows, dtype=np.float32).reshape(-1, len(names)), names
+
+
+def _arff_attribute(path: Path, line: str) -> str:
+    rest = line.split(None, 1)[1].strip() if len(line.split(None, 1)) == 2 else ""
+    quote = rest[:1]
+    if quote in ("'", '"') and quote in rest[1:]:
+        end = rest.index(quote, 1)
+        name, kind = rest[1:end], rest[end + 1 :].strip()
+    else:
+        name, _, kind = rest.replace("\t", " ").partition(" ")
+        kind = kind.strip()
+    if not name or not kind:
+        raise DataError(f"{path}: bad attribute line {line!r}")
+    if kind.lower() in ("numeric", "real", "integer"):
+        return name
+    if kind.startswith("{") and kind.endswith("}"):
+        try:
+            [float(v) for v in kind[1:-1].split(",")]
+        except ValueError:
+            pass
+        else:
+            return name
+    raise DataError(
+        f"{path}: attribute {name!r} must be numeric or nominal with numeric values, "
+        f"got {kind!r}"
+    )
