@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 
 import veil
@@ -18,3 +19,25 @@ def test_every_module_has_a_docstring_and_valid_all() -> None:
         assert module.__doc__ and module.__doc__.strip(), f"{name} has no docstring"
         for exported in getattr(module, "__all__", []):
             assert hasattr(module, exported), f"{name}.__all__ names missing {exported}"
+
+
+def test_every_public_function_and_class_is_in_all() -> None:
+    """Contract for every public module (private ``_name`` modules are the package's
+    own business): what it defines without a leading underscore is in ``__all__``."""
+    public = [
+        m for m in all_modules() if not any(p.startswith("_") for p in m.split("."))
+    ]
+    incomplete = {}
+    for name in ["veil", *public]:
+        module = importlib.import_module(name)
+        defined = {
+            n
+            for n, obj in vars(module).items()
+            if not n.startswith("_")
+            and (inspect.isfunction(obj) or inspect.isclass(obj))
+            and obj.__module__ == name
+        }
+        missing = defined - set(getattr(module, "__all__", []))
+        if missing:
+            incomplete[name] = sorted(missing)
+    assert not incomplete, incomplete

@@ -19,7 +19,7 @@ from veil.commands.infer import app as infer_app
 from veil.commands.privacy import app as privacy_app
 from veil.errors import VeilError
 
-__all__ = ["app"]
+__all__ = ["app", "demo", "report", "run"]
 
 app = typer.Typer(
     name="veil",

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 from pathlib import Path
-
-import pytest
 
 MODULES = [
     "veil.attacks",
@@ -19,21 +16,6 @@ MODULES = [
     "veil.attacks.views",
     "veil.commands.attack",
 ]
-
-
-@pytest.mark.parametrize("name", MODULES)
-def test_all_is_complete_and_resolves(name: str) -> None:
-    module = importlib.import_module(name)
-    assert module.__doc__ and len(module.__doc__.split()) > 20
-    assert set(module.__all__) <= set(dir(module))
-    defined = {
-        n
-        for n, obj in vars(module).items()
-        if not n.startswith("_")
-        and (inspect.isfunction(obj) or inspect.isclass(obj))
-        and obj.__module__ == name
-    }
-    assert defined <= set(module.__all__), sorted(defined - set(module.__all__))
 
 
 def test_package_face_exports_every_module_api() -> None:

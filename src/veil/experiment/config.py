@@ -8,22 +8,17 @@ is allowed and what was found. :func:`load_config` reads a file;
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
-import tomli_w
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from veil._toml import Section, check_name, dump_toml, read_toml, validate
 from veil.data import DATASETS
-from veil.errors import ConfigError
 from veil.models import MODELS
 
 __all__ = [
@@ -62,8 +57,7 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Section = Section
 
 
 class DataConfig(_Section):
@@ -388,65 +382,19 @@ class ExperimentConfig(_Section):
             )
         return self
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\") or v.startswith("."):
-            raise ValueError("must be a non-empty name without '/' or a leading '.'")
-        return v
-
-
-def _section_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = ExperimentConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        # An optional section (``DPConfig | None``) is looked up through its union.
-        options = [ann, *get_args(ann)]
-        sections = [
-            a for a in options if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if not sections:
-            break
-        model = sections[0]
-    return sorted(model.model_fields)
-
-
-def _explain(exc: ValidationError) -> ConfigError:
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            allowed = _section_keys(loc[:-1])
-            lines.append(f"unknown key '{key}'; allowed keys here: {allowed}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            found = "" if not loc else f"; found {err['input']!r}"
-            lines.append(f"'{key}': {msg}{found}")
-    return ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    _safe_name = field_validator("name")(check_name)
 
 
 def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a config given as a dict (as read from TOML)."""
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise _explain(exc) from None
+    return validate(ExperimentConfig, raw)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate a TOML config file."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse_config(raw)
+    return parse_config(read_toml(path))
 
 
 def dump_config(config: ExperimentConfig) -> str:
     """The resolved config as TOML (``None`` values are left out)."""
-    return tomli_w.dumps(config.model_dump(exclude_none=True))
+    return dump_toml(config)

@@ -61,7 +61,15 @@ from veil.learning import FedAvg, SGDTrainer, StateDict, evaluate
 from veil.models import build_model
 from veil.runtime import RoundStats
 
-__all__ = ["METHODS", "RunContext", "run_experiment"]
+__all__ = [
+    "METHODS",
+    "RunContext",
+    "initial_state",
+    "run_centralized",
+    "run_experiment",
+    "run_fedavg",
+    "run_standalone",
+]
 
 logger = logging.getLogger(__name__)
 

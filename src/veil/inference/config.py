@@ -45,15 +45,13 @@ epsilons = [1.0, 2.0, 5.0, 10.0, 20.0]   # each gets a noisily trained cloud par
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
+from veil._toml import Section, check_name, dump_toml, read_toml, validate
 from veil.data import DATASETS
-from veil.errors import ConfigError
 from veil.models.split import SPLIT_MODELS
 
 __all__ = [
@@ -73,8 +71,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Section = Section
 
 
 class InferenceDataConfig(_Section):
@@ -163,12 +160,7 @@ class InferenceConfig(_Section):
     noisy_training: NoisyTrainingConfig = NoisyTrainingConfig()
     report: ReportConfig = ReportConfig()
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\") or v.startswith("."):
-            raise ValueError("must be a non-empty name without '/' or a leading '.'")
-        return v
+    _safe_name = field_validator("name")(check_name)
 
     def epsilons(self) -> list[float]:
         """The report's epsilons and the deployed one, sorted, without repeats."""
@@ -177,32 +169,14 @@ class InferenceConfig(_Section):
 
 def parse_inference_config(raw: dict[str, Any]) -> InferenceConfig:
     """Validate a config given as a dict (as read from TOML)."""
-    try:
-        return InferenceConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            if err["type"] == "extra_forbidden":
-                lines.append(f"unknown key '{key}'")
-            else:
-                msg = err["msg"].removeprefix("Value error, ")
-                lines.append(f"'{key}': {msg}; found {err['input']!r}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    return validate(InferenceConfig, raw)
 
 
 def load_inference_config(path: str | Path) -> InferenceConfig:
     """Read and validate a TOML config file."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse_inference_config(raw)
+    return parse_inference_config(read_toml(path))
 
 
 def dump_inference_config(config: InferenceConfig) -> str:
     """The resolved config as TOML (``None`` values are left out)."""
-    return tomli_w.dumps(config.model_dump(exclude_none=True))
+    return dump_toml(config)

@@ -14,9 +14,18 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from veil.errors import DataError
 from veil.learning._types import ClientResult, ClientTask
+from veil.learning.encoding import encoded_size
 
-__all__ = ["FederatedAlgorithm", "RoundStats", "Runtime", "client_state_hooks"]
+__all__ = [
+    "FederatedAlgorithm",
+    "RoundStats",
+    "Runtime",
+    "check_clients",
+    "client_state_hooks",
+    "round_stats",
+]
 
 
 class FederatedAlgorithm(Protocol):
@@ -50,6 +59,35 @@ class RoundStats:
     bytes_down: int
     train_loss: float
     seconds: float
+
+
+def check_clients(tasks: Sequence[ClientTask], num_clients: int) -> None:
+    """Refuse, before any work, a task for a client the runtime does not hold."""
+    for task in tasks:
+        if not 0 <= task.client_id < num_clients:
+            raise DataError(
+                f"client_id must be in [0, {num_clients}), got {task.client_id}"
+            )
+
+
+def round_stats(
+    rnd: int,
+    tasks: Sequence[ClientTask],
+    results: Sequence[ClientResult],
+    seconds: float,
+) -> RoundStats:
+    """What a round cost: clients aggregated, safetensors bytes each way, the
+    example-weighted training loss, wall-clock seconds."""
+    weights = sum(r.num_examples for r in results)
+    loss = sum(r.loss * r.num_examples for r in results) / max(weights, 1)
+    return RoundStats(
+        round=rnd,
+        clients=len(results),
+        bytes_up=sum(encoded_size(r.update) for r in results),
+        bytes_down=sum(encoded_size(t.global_state) for t in tasks),
+        train_loss=loss,
+        seconds=seconds,
+    )
 
 
 def _no_state(client_id: int) -> None:

@@ -42,8 +42,13 @@ from torch import nn
 from veil.data import Dataset
 from veil.errors import ConfigError, DataError
 from veil.learning._types import ClientResult, ClientTask
-from veil.learning.encoding import encoded_size
-from veil.runtime._base import FederatedAlgorithm, RoundStats, client_state_hooks
+from veil.runtime._base import (
+    FederatedAlgorithm,
+    RoundStats,
+    check_clients,
+    client_state_hooks,
+    round_stats,
+)
 
 __all__ = ["RayRuntime"]
 
@@ -179,12 +184,7 @@ class RayRuntime:
         ray = self._ray
         start = time.perf_counter()
         tasks = algorithm.configure_round(rnd)
-        for task in tasks:
-            if not 0 <= task.client_id < self.num_clients:
-                raise DataError(
-                    f"client_id must be in [0, {self.num_clients}), "
-                    f"got {task.client_id}"
-                )
+        check_clients(tasks, self.num_clients)
         algorithm_ref = ray.put(algorithm)
         # One object per distinct global model (FedAvg sends every client the same).
         states: dict[int, Any] = {}
@@ -218,16 +218,7 @@ class RayRuntime:
         if errors:
             raise errors[0]
         algorithm.aggregate(rnd, results)
-        weights = sum(r.num_examples for r in results)
-        loss = sum(r.loss * r.num_examples for r in results) / max(weights, 1)
-        return RoundStats(
-            round=rnd,
-            clients=len(results),
-            bytes_up=sum(encoded_size(r.update) for r in results),
-            bytes_down=sum(encoded_size(t.global_state) for t in tasks),
-            train_loss=loss,
-            seconds=time.perf_counter() - start,
-        )
+        return round_stats(rnd, tasks, results, time.perf_counter() - start)
 
     def shutdown(self) -> None:
         """Disconnect from Ray if this runtime connected (stopping a local Ray it

@@ -20,8 +20,12 @@ from torch import nn
 
 from veil.data import Dataset
 from veil.errors import DataError
-from veil.learning.encoding import encoded_size
-from veil.runtime._base import FederatedAlgorithm, RoundStats
+from veil.runtime._base import (
+    FederatedAlgorithm,
+    RoundStats,
+    check_clients,
+    round_stats,
+)
 
 __all__ = ["SimulationRuntime"]
 
@@ -67,25 +71,10 @@ class SimulationRuntime:
         """Configure, run every chosen client, aggregate; return what was measured."""
         start = time.perf_counter()
         tasks = algorithm.configure_round(rnd)
+        check_clients(tasks, self.num_clients)
         results = []
-        bytes_down = 0
         for task in tasks:
-            if not 0 <= task.client_id < self.num_clients:
-                raise DataError(
-                    f"client_id must be in [0, {self.num_clients}), "
-                    f"got {task.client_id}"
-                )
-            bytes_down += encoded_size(task.global_state)
             x, y = self.client_data(task.client_id)
             results.append(algorithm.client_fit(task, self._model, x, y))
         algorithm.aggregate(rnd, results)
-        weights = sum(r.num_examples for r in results)
-        loss = sum(r.loss * r.num_examples for r in results) / max(weights, 1)
-        return RoundStats(
-            round=rnd,
-            clients=len(results),
-            bytes_up=sum(encoded_size(r.update) for r in results),
-            bytes_down=bytes_down,
-            train_loss=loss,
-            seconds=time.perf_counter() - start,
-        )
+        return round_stats(rnd, tasks, results, time.perf_counter() - start)
