@@ -224,16 +224,18 @@ def main() -> None:
         print("Opacus not installed: comparing veil with plain SGD only")
     for model_name in MODELS:
         names = variants(opacus)
-        times = time_steps(model_name, names, args.rounds, args.steps)
+        cpu, wall = time_steps(model_name, names, args.rounds, args.steps)
         print(f"\n{model_name}")
         print(
-            f"{'variant':<18}{'ms/step':>9}{'x plain':>9}{'peak MB':>9}{'x plain':>9}"
+            f"{'variant':<20}{'cpu ms':>8}{'x plain':>9}{'wall ms':>9}{'x plain':>9}"
+            f"{'peak MB':>9}{'x plain':>9}"
         )
         memory = {v: peak_memory(model_name, v) for v in names}
         for v in names:
             mem_ratio = memory[v] / max(memory["plain"], 1.0)
             print(
-                f"{v:<18}{times[v] * 1e3:>9.2f}{times[v] / times['plain']:>9.2f}"
+                f"{v:<20}{cpu[v] * 1e3:>8.2f}{cpu[v] / cpu['plain']:>9.2f}"
+                f"{wall[v] * 1e3:>9.2f}{wall[v] / wall['plain']:>9.2f}"
                 f"{memory[v] / 2**20:>9.1f}{mem_ratio:>9.2f}"
             )
 
