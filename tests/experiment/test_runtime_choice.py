@@ -7,8 +7,8 @@ joins it instead of starting its own.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
