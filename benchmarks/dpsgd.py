@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    # Repeated steps on one batch can drive values subnormal, which x86 computes
+    # tens of times slower; flush them so every variant is timed on normal numbers.
+    torch.set_flush_denormal(True)
     if args.memory_child:
         child_memory(*args.memory_child)
         return
