@@ -93,8 +93,8 @@ class SecureDPFedAvg(DPFedAvg):
         """``(r, r_b)``: encoding ranges of an update coordinate and of the
         indicator in round ``rnd`` (public: from ``S`` and the noise plan)."""
         plan = self.noise_plan(self._sampled.get(rnd, 0))
-        r = self.clip_range or self.clipping_norm + RANGE_SIGMAS * plan.client_update_std
-        return r, 0.5 + RANGE_SIGMAS * plan.client_count_std
+        r = self.clipping_norm + RANGE_SIGMAS * plan.client_update_std
+        return self.clip_range or r, 0.5 + RANGE_SIGMAS * plan.client_count_std
 
     def encoder(self, count: int) -> FixedPoint:
         """The fixed-point code of ``[-1, 1]`` for a sum of ``count`` inputs."""
@@ -194,11 +194,12 @@ class SecureDPFedAvg(DPFedAvg):
     def _record(self, result: SecureSum) -> None:
         t = self._totals
         dropped = len(result.dropped) + len(result.refused)
-        t["secagg_bytes_up"] = t.get("secagg_bytes_up", 0) + sum(result.bytes_up.values())
-        t["secagg_bytes_down"] = t.get("secagg_bytes_down", 0) + sum(
-            result.bytes_down.values()
-        )
-        t["secagg_dropped"] = t.get("secagg_dropped", 0) + dropped
+        for key, value in (
+            ("secagg_bytes_up", sum(result.bytes_up.values())),
+            ("secagg_bytes_down", sum(result.bytes_down.values())),
+            ("secagg_dropped", dropped),
+        ):
+            t[key] = t.get(key, 0) + value
         t["secagg_clients"] = len(result.included)
         self.last_included = result.included
 

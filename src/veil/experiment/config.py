@@ -202,9 +202,10 @@ class DPFedAvgConfig(_Section):
     ``count_noise_multiplier`` (default: expected clients / 20, at least the noise
     multiplier); its cost is inside
     ``noise_multiplier``. ``secure_aggregation`` (distributed placement only) sums
-    the noised updates with secure aggregation, using the ``[secagg]`` settings. Poisson sampling is accounted with ``accountant``
-    (add/remove one client); fixed-size sampling always with ``rdp`` under
-    ``replace_one`` (the only analysis available for it).
+    the noised updates with secure aggregation, using the ``[secagg]`` settings.
+    Poisson sampling is accounted with ``accountant`` (add/remove one client);
+    fixed-size sampling always with ``rdp`` under ``replace_one`` (the only
+    analysis available for it).
     """
 
     rounds: PositiveInt = 100
