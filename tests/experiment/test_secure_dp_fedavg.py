@@ -181,3 +181,12 @@ def test_config_refuses_secure_aggregation_with_central_noise() -> None:
     section = "[dp_fedavg]\nnoise_multiplier = 1.0\nsecure_aggregation = true\n"
     with pytest.raises(ConfigError, match="placement = 'distributed'"):
         parse_config(tomllib.loads(BASE + section))
+
+
+def test_a_round_with_one_client_releases_nothing() -> None:
+    # The sum of one input is that input: the round is skipped, nothing recorded.
+    algo = SecureDPFedAvg(**settings(10, sample_rate=0.1), secagg=SecAggConfig())
+    run_round(algo, dim=10)
+    assert torch.equal(algo.global_state["w"], torch.zeros(10))
+    assert not algo.ledger.events and not algo.history
+    assert algo.take_metrics()["secagg_aborted"] == 1

@@ -137,6 +137,11 @@ class SecureDPFedAvg(DPFedAvg):
         if not results:
             self.last_included = ()
             return total, 0.0, 0
+        if len(results) == 1:
+            raise RoundAbortedError(
+                "a secure sum needs at least 2 clients (the sum of one is its "
+                "input); the round is not aggregated"
+            )
         fp = self.encoder(len(results))
         inputs = {r.client_id: fp.encode(self.client_values(rnd, r)) for r in results}
         k, t = round_graph(self.secagg, len(inputs))
@@ -160,8 +165,9 @@ class SecureDPFedAvg(DPFedAvg):
         """Securely sum the noised updates, top up dropped clients' noise, divide by
         ``q N``, take the server step, record the round and adapt ``S``.
 
-        A round aborted by the protocol releases nothing: the model, ``S`` and the
-        ledger are left unchanged.
+        A round aborted by the protocol, or with a single result (whose sum would
+        be that client's input), releases nothing: the model, ``S`` and the ledger
+        are left unchanged.
 
         Raises:
             UpdateError: a result from another round or a malformed update; nothing
