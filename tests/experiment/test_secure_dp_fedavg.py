@@ -190,3 +190,8 @@ def test_a_round_with_one_client_releases_nothing() -> None:
     assert torch.equal(algo.global_state["w"], torch.zeros(10))
     assert not algo.ledger.events and not algo.history
     assert algo.take_metrics()["secagg_aborted"] == 1
+
+
+def test_bits_too_small_for_the_population_are_refused_up_front() -> None:
+    with pytest.raises(ConfigError, match=r"secagg\.bits"):
+        SecureDPFedAvg(**settings(10, num_clients=10), secagg=SecAggConfig(bits=4))

@@ -14,6 +14,8 @@ adaptive clipping). The server learns only the sum of the included clients' inpu
 it unmasks, decodes, tops up the noise of sampled clients whose input is not in the
 sum (dropouts, as plain distributed DP-FedAvg does), divides by ``q N`` and takes its
 step. The ledger records the same Gaussian event as without secure aggregation.
+In the simulation runtime the clients' encoding and protocol steps run inside
+``aggregate``, each on its own client's result only; messages travel as bytes.
 
 Ranges: ``r`` is ``[secagg] clip_range`` when set, else ``S + 6 s`` per round (``s``
 the client's noise std), which covers any clipped coordinate (``|u_i| <= S``) plus
@@ -80,6 +82,7 @@ class SecureDPFedAvg(DPFedAvg):
             )
         if self.clip_range is not None and not self.clip_range > 0:
             raise ConfigError(f"clip_range must be > 0, got {self.clip_range}")
+        self.encoder(self.num_clients)  # refuses a bits too small for the sum
         for name, t in self.global_state.items():
             if not t.is_floating_point():
                 raise ConfigError(
