@@ -5,7 +5,9 @@ it in the simulation runtime, and logs per evaluation the accuracy, the user-lev
 epsilon spent so far (from the ledger, at ``delta``), the clipping norm and the
 clients sampled. The ledger goes to ``RUN_DIR/privacy/dp-fedavg.json`` with what it
 protects (one client) and the trust model (``central``: the server adds the noise;
-``distributed``: the clients' shares sum to it), where the report reads them.
+``distributed``: the clients' shares sum to it; ``distributed + secure
+aggregation``: the server sees only that sum, :mod:`veil.experiment._secure_dp_fedavg`),
+where the report reads them.
 
 Accounting follows the sampling: Poisson sampling under add/remove-one-client with
 the configured accountant; fixed-size sampling with ``rdp`` under replace-one-client.
@@ -25,6 +27,7 @@ import dp_accounting as dpa
 from veil.errors import BudgetExceededError, PrivacyError, UpdateError
 from veil.experiment._dp import write_ledger
 from veil.experiment._runtime import open_runtime
+from veil.experiment._secure_dp_fedavg import SecureDPFedAvg, secure_dp_fedavg
 from veil.experiment.config import DPFedAvgConfig, ExperimentConfig
 from veil.learning import AdaptiveClipping, DPFedAvg, SGDTrainer, StateDict, evaluate
 from veil.privacy import (
@@ -45,6 +48,7 @@ __all__ = [
     "resolve_delta",
     "resolve_noise_multiplier",
     "run_dp_fedavg",
+    "trust_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +146,8 @@ def build_dp_fedavg(
         seed=config.seed,
         secure_noise=cfg.secure_noise,
     )
+    if cfg.secure_aggregation:
+        algorithm = secure_dp_fedavg(algorithm, config)
     logger.info(
         "dp-fedavg: noise_multiplier %.4f, sample_rate %.5g (%s), %s noise, delta %g",
         noise,
@@ -151,6 +157,13 @@ def build_dp_fedavg(
         delta,
     )
     return algorithm, delta
+
+
+def trust_model(cfg: DPFedAvgConfig) -> str:
+    """Who the noise protects against, as the ledger file and report state it."""
+    if cfg.secure_aggregation:
+        return f"{cfg.placement} + secure aggregation"
+    return cfg.placement
 
 
 def run_dp_fedavg(ctx: RunContext) -> StateDict:
@@ -164,6 +177,11 @@ def run_dp_fedavg(ctx: RunContext) -> StateDict:
     )
     model = ctx.new_model()
     test = ctx.dataset.test
+
+    def secure_metrics() -> dict[str, Any]:
+        if isinstance(algorithm, SecureDPFedAvg):
+            return algorithm.take_metrics()
+        return {}
 
     def log(rnd: int, stats: list[RoundStats], **extra: Any) -> None:
         model.load_state_dict(algorithm.global_state)
@@ -187,6 +205,7 @@ def run_dp_fedavg(ctx: RunContext) -> StateDict:
             unclipped=None
             if last is None or math.isnan(last.unclipped)
             else last.unclipped,
+            **secure_metrics(),
             **extra,
         )
         logger.info("dp-fedavg round %d: accuracy %.4f", rnd, accuracy)
@@ -217,6 +236,6 @@ def run_dp_fedavg(ctx: RunContext) -> StateDict:
             algorithm.ledger,
             delta,
             protects="one client",
-            trust_model=cfg.placement,
+            trust_model=trust_model(cfg),
         )
     return algorithm.global_state

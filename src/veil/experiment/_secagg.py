@@ -48,7 +48,7 @@ from veil.secagg import (
     threshold_for,
 )
 
-__all__ = ["SecureFedAvg", "secure_fedavg"]
+__all__ = ["SecureFedAvg", "round_graph", "secure_fedavg", "simulated_dropouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,25 +124,10 @@ class SecureFedAvg(FedAvg):
     # ---- server side ----------------------------------------------------------
 
     def _dropouts(self, rnd: int, clients: Sequence[int]) -> dict[Step, list[int]]:
-        rng = numpy_rng(self.seed, _DROPOUT_STREAM, rnd)
-        plan: dict[Step, list[int]] = {s: [] for s in Step}
-        for c in clients:
-            leaves, step = rng.random() < self.secagg.dropout_rate, rng.integers(1, 5)
-            if leaves:
-                plan[Step(int(step))].append(c)
-        return plan
+        return simulated_dropouts(self.secagg, self.seed, rnd, clients)
 
     def _graph(self, m: int) -> tuple[int, int]:
-        """(k, t) for ``m`` clients: k = 0 for the full graph."""
-        setting = self.secagg.neighbours
-        if setting == "full":
-            k = 0
-        elif setting == "auto":
-            k = choose_degree(m, self.secagg.dropout_rate, self.secagg.threshold)
-        else:
-            k = int(setting) if int(setting) < m - 1 else 0
-        holders = m if k == 0 else k + 1
-        return k, threshold_for(holders, self.secagg.threshold)
+        return round_graph(self.secagg, m)
 
     def mean_update(self, result: SecureSum) -> StateDict:
         """FedAvg's weighted mean update from the unmasked sum."""
@@ -235,6 +220,33 @@ class SecureFedAvg(FedAvg):
         plain = totals.get("secagg_plain_bytes", 0)
         out["secagg_expansion"] = out["secagg_bytes_up"] / plain if plain else math.nan
         return out
+
+
+def simulated_dropouts(
+    secagg: SecAggConfig, seed: int, rnd: int, clients: Sequence[int]
+) -> dict[Step, list[int]]:
+    """Which of ``clients`` drop out before which step of round ``rnd``: each with
+    probability ``secagg.dropout_rate``, at a step drawn uniformly (from ``seed``)."""
+    rng = numpy_rng(seed, _DROPOUT_STREAM, rnd)
+    plan: dict[Step, list[int]] = {s: [] for s in Step}
+    for c in clients:
+        leaves, step = rng.random() < secagg.dropout_rate, rng.integers(1, 5)
+        if leaves:
+            plan[Step(int(step))].append(c)
+    return plan
+
+
+def round_graph(secagg: SecAggConfig, m: int) -> tuple[int, int]:
+    """(k, t) for a round of ``m`` clients: k = 0 for the full graph."""
+    setting = secagg.neighbours
+    if setting == "full":
+        k = 0
+    elif setting == "auto":
+        k = choose_degree(m, secagg.dropout_rate, secagg.threshold)
+    else:
+        k = int(setting) if int(setting) < m - 1 else 0
+    holders = m if k == 0 else k + 1
+    return k, threshold_for(holders, secagg.threshold)
 
 
 def secure_fedavg(

@@ -201,9 +201,11 @@ class DPFedAvgConfig(_Section):
     ``target_quantile`` of update norms (Andrew et al. 2021) with a count noised by
     ``count_noise_multiplier`` (default: expected clients / 20, at least the noise
     multiplier); its cost is inside
-    ``noise_multiplier``. Poisson sampling is accounted with ``accountant``
-    (add/remove one client); fixed-size sampling always with ``rdp`` under
-    ``replace_one`` (the only analysis available for it).
+    ``noise_multiplier``. ``secure_aggregation`` (distributed placement only) sums
+    the noised updates with secure aggregation, using the ``[secagg]`` settings.
+    Poisson sampling is accounted with ``accountant`` (add/remove one client);
+    fixed-size sampling always with ``rdp`` under ``replace_one`` (the only
+    analysis available for it).
     """
 
     rounds: PositiveInt = 100
@@ -223,6 +225,7 @@ class DPFedAvgConfig(_Section):
     server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     eval_every: PositiveInt = 1
     secure_noise: bool = False
+    secure_aggregation: bool = False
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> DPFedAvgConfig:
@@ -230,6 +233,11 @@ class DPFedAvgConfig(_Section):
             raise ValueError(
                 "give noise_multiplier, epsilon (the user-level budget, from which "
                 "the noise is calibrated) or both"
+            )
+        if self.secure_aggregation and self.placement != "distributed":
+            raise ValueError(
+                "secure_aggregation needs placement = 'distributed' (the clients "
+                f"add the noise before masking), got {self.placement!r}"
             )
         return self
 

@@ -254,6 +254,10 @@ def _trust_notes(privacy: dict[str, dict[str, Any]]) -> list[str]:
         "distributed": "each sampled client adds a share of the noise, so only the "
         "sum carries all of it: with secure aggregation the guarantee also holds "
         "against the server.",
+        "distributed + secure aggregation": "each sampled client adds a share of the "
+        "noise and the server learns only the masked sum (secure aggregation): the "
+        "guarantee also holds against an honest-but-curious server, except for the "
+        "noise it tops up for clients that dropped out.",
     }
     return [
         f"{_LABELS.get(m, m)}: {notes[p['trust_model']]}"

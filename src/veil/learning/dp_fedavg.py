@@ -394,6 +394,12 @@ class DPFedAvg:
         if self.adaptive is None:
             return math.nan
         count = sum(r.metrics[UNCLIPPED] for r in results)
+        return self._adapt_to_count(rnd, count, server_std)
+
+    def _adapt_to_count(self, rnd: int, count: float, server_std: float) -> float:
+        """Add the server's noise to the summed centred indicators ``count``, move
+        ``S`` and return the noisy unclipped fraction (adaptive clipping only)."""
+        assert self.adaptive is not None
         if server_std > 0:
             noise = self._noise(rnd, 1).normal(
                 torch.Size([1]), server_std, torch.float64
