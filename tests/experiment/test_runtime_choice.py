@@ -40,7 +40,7 @@ num_cpus = 2
 
 # Every federated method, as it runs on Ray: plain FedAvg, FedAvg under secure
 # aggregation (clients drop out), DP-FedAvg with adaptive clipping and distributed
-# noise.
+# noise, without and with secure aggregation.
 METHODS = {
     "fedavg": ('["fedavg"]', "false", ""),
     "secagg": ('["fedavg"]', "true", "[secagg]\ndropout_rate = 0.3\n"),
@@ -49,6 +49,13 @@ METHODS = {
         "false",
         "[dp_fedavg]\nrounds = 2\nsample_rate = 0.5\nnoise_multiplier = 1.0\n"
         "adaptive_clipping = true\nplacement = 'distributed'\n",
+    ),
+    "secure-dp-fedavg": (
+        '["dp-fedavg"]',
+        "false",
+        "[dp_fedavg]\nrounds = 2\nsample_rate = 0.5\nnoise_multiplier = 1.0\n"
+        "adaptive_clipping = true\nplacement = 'distributed'\n"
+        "secure_aggregation = true\n[secagg]\ndropout_rate = 0.2\n",
     ),
 }
 
@@ -82,7 +89,7 @@ def test_ray_run_matches_simulation_run(
         )
     assert ray.is_initialized()  # a Ray veil did not start is left running
     assert _accuracies(runs["ray"]) == _accuracies(runs["simulation"])
-    method = "dp-fedavg" if case == "dp-fedavg" else "fedavg"
+    method = "dp-fedavg" if case.endswith("dp-fedavg") else "fedavg"
     model = Path("models") / f"{method}.safetensors"
     assert (runs["ray"] / model).read_bytes() == (
         runs["simulation"] / model
