@@ -10,17 +10,30 @@ the key, what is allowed, what was found.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, get_args
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from veil.errors import ConfigError
 
-__all__ = ["Section", "check_name", "dump_toml", "read_toml", "validate"]
+__all__ = [
+    "PositiveFloat",
+    "PositiveInt",
+    "Section",
+    "check_name",
+    "dump_toml",
+    "one_of",
+    "read_toml",
+    "validate",
+]
 
 Model = TypeVar("Model", bound=BaseModel)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class Section(BaseModel):
@@ -34,6 +47,18 @@ def check_name(v: str) -> str:
     if not v or any(c in v for c in "/\\") or v.startswith("."):
         raise ValueError("must be a non-empty name without '/' or a leading '.'")
     return v
+
+
+def one_of(choices: Mapping[str, object]) -> Callable[[str], str]:
+    """A validator accepting the names in ``choices`` (a registry such as
+    ``DATASETS``, looked up when a config is validated, so later additions count)."""
+
+    def check(v: str) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {sorted(choices)}")
+        return v
+
+    return check
 
 
 def _section_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

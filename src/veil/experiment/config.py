@@ -17,7 +17,16 @@ from pydantic import (
     model_validator,
 )
 
-from veil._toml import Section, check_name, dump_toml, read_toml, validate
+from veil._toml import (
+    PositiveFloat,
+    PositiveInt,
+    Section,
+    check_name,
+    dump_toml,
+    one_of,
+    read_toml,
+    validate,
+)
 from veil.data import DATASETS
 from veil.models import MODELS
 
@@ -52,8 +61,6 @@ METHOD_NAMES = (
     "dssgd",
 )
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
@@ -70,12 +77,7 @@ class DataConfig(_Section):
     shards_per_client: PositiveInt = 2
     data_dir: str | None = None
 
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"must be one of {sorted(DATASETS)}")
-        return v
+    _known_dataset = field_validator("dataset")(one_of(DATASETS))
 
 
 class ModelConfig(_Section):
@@ -83,12 +85,7 @@ class ModelConfig(_Section):
 
     name: str = "2nn"
 
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"must be one of {sorted(MODELS)}")
-        return v
+    _known_model = field_validator("name")(one_of(MODELS))
 
 
 class LocalConfig(_Section):

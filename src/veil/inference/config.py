@@ -50,7 +50,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from veil._toml import Section, check_name, dump_toml, read_toml, validate
+from veil._toml import (
+    PositiveFloat,
+    PositiveInt,
+    Section,
+    check_name,
+    dump_toml,
+    one_of,
+    read_toml,
+    validate,
+)
 from veil.data import DATASETS
 from veil.models.split import SPLIT_MODELS
 
@@ -67,9 +76,6 @@ __all__ = [
     "parse_inference_config",
 ]
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-
 
 _Section = Section
 
@@ -82,12 +88,7 @@ class InferenceDataConfig(_Section):
     max_train: PositiveInt | None = None
     max_test: PositiveInt | None = None
 
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"must be one of {sorted(DATASETS)}")
-        return v
+    _known_dataset = field_validator("dataset")(one_of(DATASETS))
 
 
 class SplitModelConfig(_Section):
