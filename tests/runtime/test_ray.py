@@ -14,7 +14,7 @@ import ray
 import torch
 
 from tests.conftest import make_tiny
-from veil.errors import BudgetExceededError, DataError
+from veil.errors import BudgetExceededError, ConfigError, DataError
 from veil.learning import FedAvg, SGDTrainer
 from veil.models import build_model
 from veil.privacy import DPSGDTrainer, PrivacyBudget, PrivacyLedger
@@ -142,7 +142,7 @@ def test_task_for_unknown_client_is_refused_before_any_work() -> None:
 def test_bad_resources_are_refused() -> None:
     data = make_tiny(n_train=20, n_test=10)
     parts = np.array_split(np.arange(20), 2)
-    with pytest.raises(Exception, match="cpus_per_client must be > 0"):
+    with pytest.raises(ConfigError, match="cpus_per_client must be > 0"):
         RayRuntime(MODEL_FN, data.train, parts, cpus_per_client=0)
-    with pytest.raises(Exception, match="memory_per_client must be > 0"):
+    with pytest.raises(ConfigError, match="memory_per_client must be > 0"):
         RayRuntime(MODEL_FN, data.train, parts, memory_per_client=0)

@@ -10,8 +10,9 @@ What travels, and how often:
 - the training set is put in Ray's object store once, when the runtime starts, as
   NumPy arrays that workers read without copying; a task receives its client's
   example indices and gathers only those rows;
-- the global model is put in the object store once per round and shared by every
-  task of the round (tasks travel with an empty ``global_state``);
+- the global model travels once per round, inside the algorithm object, and is
+  shared by every task of the round (tasks travel with an empty ``global_state``;
+  a task whose model is not the algorithm's own gets its own object);
 - the algorithm object is put once per round, so client-side state it carries (a
   DP client's privacy ledger) is current when a task starts. State a client changes
   comes back with its result and is loaded into the driver's algorithm: the ledger
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,8 +59,10 @@ logger = logging.getLogger(__name__)
 ModelFn = Callable[[], nn.Module]
 
 # One scratch model per worker process, built on first use and reused by later tasks
-# (Ray keeps worker processes alive between tasks). Keyed by the model function.
-_MODELS: dict[int, nn.Module] = {}
+# (Ray keeps worker processes alive between tasks). Keyed by the runtime that asked
+# for it: the model function arrives as a fresh copy in every task, so its id() is
+# no key.
+_MODELS: dict[str, nn.Module] = {}
 
 
 def _import_ray() -> Any:
@@ -73,9 +77,10 @@ def _import_ray() -> Any:
 
 def _client_task(
     algorithm: FederatedAlgorithm,
+    model_key: str,
     model_fn: ModelFn,
     task: ClientTask,
-    global_state: dict[str, torch.Tensor],
+    global_state: dict[str, torch.Tensor] | None,
     x: np.ndarray,
     y: np.ndarray,
     indices: np.ndarray,
@@ -89,10 +94,12 @@ def _client_task(
     """
     if threads:
         torch.set_num_threads(threads)
-    model = _MODELS.get(id(model_fn))
+    model = _MODELS.get(model_key)
     if model is None:
-        model = _MODELS[id(model_fn)] = model_fn()
-    task = dataclasses.replace(task, global_state=global_state)
+        model = _MODELS[model_key] = model_fn()
+    # None: the task's model is the algorithm's own, which came with the algorithm.
+    state = algorithm.global_state if global_state is None else global_state  # type: ignore[attr-defined]
+    task = dataclasses.replace(task, global_state=state)
     # Gather the client's rows: a copy of its examples only, never of the dataset.
     cx, cy = torch.from_numpy(x[indices]), torch.from_numpy(y[indices])
     get_state, _ = client_state_hooks(algorithm)
@@ -163,6 +170,7 @@ class RayRuntime:
             resources["memory"] = memory_per_client
         self._remote = ray.remote(_client_task).options(**resources)
         self._model_fn = ray.put(model_fn)
+        self._model_key = uuid.uuid4().hex
         self._x = ray.put(train.x.numpy())
         self._y = ray.put(train.y.numpy())
         self._indices = [np.asarray(i, dtype=np.int64) for i in client_indices]
@@ -186,17 +194,20 @@ class RayRuntime:
         tasks = algorithm.configure_round(rnd)
         check_clients(tasks, self.num_clients)
         algorithm_ref = ray.put(algorithm)
-        # One object per distinct global model (FedAvg sends every client the same).
+        # The algorithm carries its global model; a task sent another model (by
+        # identity) gets one object per distinct model.
+        own = getattr(algorithm, "global_state", None)
         states: dict[int, Any] = {}
         for task in tasks:
-            if id(task.global_state) not in states:
+            if task.global_state is not own and id(task.global_state) not in states:
                 states[id(task.global_state)] = ray.put(task.global_state)
         refs = [
             self._remote.remote(
                 algorithm_ref,
+                self._model_key,
                 self._model_fn,
                 dataclasses.replace(task, global_state={}),
-                states[id(task.global_state)],
+                states.get(id(task.global_state)),
                 self._x,
                 self._y,
                 self._indices[task.client_id],
