@@ -174,10 +174,7 @@ class SecureFedAvg(FedAvg):
             self._add("secagg_bytes_up", exc.bytes_up)
             self._add("secagg_bytes_down", exc.bytes_down)
             return
-        mean = self.mean_update(result)
-        self.global_state = {
-            name: value + mean[name] for name, value in self.global_state.items()
-        }
+        self.apply_mean(self.mean_update(result))
         self._record(result)
         logger.info(
             "round %d: securely aggregated %d of %d updates (k=%d, t=%d)",

@@ -99,6 +99,9 @@ class LocalConfig(_Section):
 class FedAvgConfig(_Section):
     """``[fedavg]``: rounds and client fraction C.
 
+    ``server_lr`` and ``server_momentum`` (default 1 and 0, plain FedAvg) make the
+    server step on the mean update with momentum (FedAvgM), as ``[dp_fedavg]`` can.
+
     ``local_dp = true`` makes every client train with DP-SGD (settings in ``[dp]``,
     expected batch size ``local.batch_size``): each client keeps its own privacy
     ledger and budget, and the guarantee protects one example of one client.
@@ -109,6 +112,8 @@ class FedAvgConfig(_Section):
     eval_every: PositiveInt = 1
     local_dp: bool = False
     secure_aggregation: bool = False
+    server_lr: PositiveFloat = 1.0
+    server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class SecAggConfig(_Section):

@@ -114,6 +114,8 @@ def run_fedavg(ctx: RunContext) -> StateDict:
         seed=cfg.seed,
         trainer_for=None if privacy is None else privacy.trainer_for,
         client_states=privacy,
+        server_lr=cfg.fedavg.server_lr,
+        server_momentum=cfg.fedavg.server_momentum,
     )
     if cfg.fedavg.secure_aggregation:
         algorithm = secure_fedavg(algorithm, cfg, ctx.client_indices)

@@ -44,6 +44,7 @@ from veil.errors import ConfigError, UpdateError
 from veil.learning._types import ClientResult, ClientTask, StateDict
 from veil.learning.fedavg import check_update
 from veil.learning.local import LocalTrainer
+from veil.learning.server_opt import check_server_optimizer, server_step
 from veil.learning.user_dp import (
     AdaptiveClipping,
     ClientSampling,
@@ -160,11 +161,7 @@ class DPFedAvg:
             raise ConfigError(
                 f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}"
             )
-        if not (self.server_lr > 0 and 0 <= self.server_momentum < 1):
-            raise ConfigError(
-                "server_lr must be > 0 and server_momentum in [0, 1), got "
-                f"{self.server_lr} and {self.server_momentum}"
-            )
+        check_server_optimizer(self.server_lr, self.server_momentum)
         if ClientSampling(self.sampling) is ClientSampling.FIXED:
             size = self.sample_rate * self.num_clients
             if abs(size - round(size)) > 1e-9 * self.num_clients or round(size) < 1:
@@ -375,16 +372,13 @@ class DPFedAvg:
         return add_noise(total, server_std, self._noise(rnd, 0))
 
     def _server_step(self, mean: StateDict) -> None:
-        if self._velocity is None:
-            self._velocity = {k: torch.zeros_like(v) for k, v in mean.items()}
-        for name, m in mean.items():
-            self._velocity[name].mul_(self.server_momentum).add_(m)
-        self.global_state = {
-            name: (value.double() + self.server_lr * self._velocity[name]).to(
-                value.dtype
-            )
-            for name, value in self.global_state.items()
-        }
+        self.global_state, self._velocity = server_step(
+            self.global_state,
+            mean,
+            self._velocity,
+            self.server_lr,
+            self.server_momentum,
+        )
 
     def _adapt(
         self, rnd: int, results: Sequence[ClientResult], server_std: float

@@ -7,6 +7,10 @@ of examples each client holds. In terms of updates (local minus global):
 
     w_{t+1} = w_t + sum_k n_k * delta_k / sum_k n_k
 
+With ``server_lr`` and ``server_momentum`` (FedAvgM, Hsu et al. 2019) the server
+steps on that mean with momentum instead (:mod:`veil.learning.server_opt`); the
+defaults (1 and 0) are the plain average above.
+
 The server validates every update before it touches the global model: tensor names and
 shapes must match, values must be finite, and the total weight must be positive;
 otherwise :class:`~veil.errors.UpdateError` is raised and the model is left unchanged.
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -27,6 +31,7 @@ from veil._seeding import Stream, derive_seed, numpy_rng
 from veil.errors import ConfigError, UpdateError
 from veil.learning._types import ClientResult, ClientTask, StateDict
 from veil.learning.local import LocalTrainer
+from veil.learning.server_opt import check_server_optimizer, server_step
 
 __all__ = ["ClientStates", "FedAvg", "check_update", "weighted_average"]
 
@@ -116,6 +121,8 @@ class FedAvg:
         client_states: where clients keep state between rounds, when they do;
             runtimes that run clients outside this process (Ray) carry it through
             :meth:`client_state` and :meth:`load_client_state`.
+        server_lr: server learning rate on the mean update, > 0; default 1.
+        server_momentum: server momentum in [0, 1); default 0 (plain FedAvg).
     """
 
     global_state: StateDict
@@ -125,8 +132,12 @@ class FedAvg:
     seed: int = 0
     trainer_for: Callable[[int], LocalTrainer] | None = None
     client_states: ClientStates | None = None
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    _velocity: StateDict | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        check_server_optimizer(self.server_lr, self.server_momentum)
         if not 0 < self.client_fraction <= 1:
             raise ConfigError(
                 f"client_fraction must be in (0, 1], got {self.client_fraction}"
@@ -190,6 +201,17 @@ class FedAvg:
             {"steps": float(stats.steps)},
         )
 
+    def apply_mean(self, mean: StateDict) -> None:
+        """Take the server step on the round's mean update (plain addition with the
+        default ``server_lr = 1`` and ``server_momentum = 0``)."""
+        self.global_state, self._velocity = server_step(
+            self.global_state,
+            mean,
+            self._velocity,
+            self.server_lr,
+            self.server_momentum,
+        )
+
     def aggregate(self, rnd: int, results: Sequence[ClientResult]) -> None:
         """Apply the example-weighted mean of the updates to the global model.
 
@@ -208,7 +230,5 @@ class FedAvg:
             [float(r.num_examples) for r in results],
             self.global_state,
         )
-        self.global_state = {
-            name: value + mean[name] for name, value in self.global_state.items()
-        }
+        self.apply_mean(mean)
         logger.info("round %d: aggregated %d updates", rnd, len(results))
