@@ -132,6 +132,8 @@ def run_inference(
     nt = config.noisy_training
     start = time.perf_counter()
     augment = _augment(config, images=train.x.dim() == 4)
+    if nt.augmented_fraction == 0:
+        augment = None  # no augmented input is ever drawn: compute none
     pool = Representations.compute(
         device, train.x, _gen(seed, _POOL), augment, nt.augmented_copies
     )
