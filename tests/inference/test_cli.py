@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,33 @@ def test_train_writes_parts_results_and_report(run_dir: Path) -> None:
     assert "epsilon-DP" in report and "| 50 |" in report
     split = load_split(run_dir)
     assert set(split.clouds) == {"plain", "noisy-eps5", "noisy-eps50"}
+
+
+def test_evaluate_remeasures_over_independent_draws(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir, folder)
+    result = CliRunner().invoke(app, ["infer", "evaluate", str(folder), "--draws", "3"])
+    assert result.exit_code == 0, result.output
+    assert "| 50 |" in result.output
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    trained = json.loads((folder / "results.json").read_text())
+    # no perturbation: the same test inputs give exactly the training run's baseline
+    assert evaluation["baseline_accuracy"] == trained["baseline_accuracy"]
+    assert [r["epsilon"] for r in evaluation["rows"]] == [5.0, 50.0]
+    for row in evaluation["rows"]:
+        for part in ("plain", "noisy"):
+            summary = row[part]
+            assert len(summary["values"]) == 3
+            assert summary["min"] <= summary["mean"] <= summary["max"]
+    # the draws are independent perturbations: at epsilon 5 they do not all agree
+    low = evaluation["rows"][0]["plain"]["values"]
+    assert len(set(low)) > 1
+    refused = CliRunner().invoke(
+        app, ["infer", "evaluate", str(folder), "--draws", "0"]
+    )
+    assert refused.exit_code == 2
 
 
 def test_export_prints_size_parameters_and_latency(run_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -14,8 +15,10 @@ from veil.inference import (
     FitSettings,
     L1Bound,
     Perturbation,
+    Representations,
     affine_augment,
     evaluate_split,
+    fit_cloud,
     pretrain,
     swap_augment,
     train_cloud,
@@ -96,3 +99,69 @@ def test_bad_mix_is_refused() -> None:
             None,
             2.0,
         )
+
+
+def test_representations_are_computed_once_per_copy() -> None:
+    x = torch.randn(30, 4)
+    device = nn.Sequential(nn.Linear(4, 3), L1Bound(3.0)).requires_grad_(False)
+    shift = lambda t, _g: t + 1.0  # noqa: E731  (a deterministic "augmentation")
+    pool = Representations.compute(device, x, torch.Generator(), shift, 3, 7)
+    assert torch.equal(pool.raw, device(x))  # batches of 7 change nothing
+    assert len(pool.augmented) == 3
+    for copy_ in pool.augmented:
+        assert torch.equal(copy_, device(x + 1.0))
+    assert Representations.compute(device, x, torch.Generator()).augmented == ()
+    with pytest.raises(ConfigError, match="augmented_copies"):
+        Representations.compute(device, x, torch.Generator(), shift, 0)
+
+
+class _Recorder(nn.Module):
+    """A cloud part that records its inputs (one trainable weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2, 2))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        self.seen.append(r.detach().clone())
+        return r @ self.weight
+
+
+def test_fit_cloud_mixes_raw_and_augmented_and_draws_fresh_noise() -> None:
+    n = 4000
+    raw = torch.tensor([[1.0, 0.0]]).repeat(n, 1)
+    augmented = torch.tensor([[0.0, 1.0]]).repeat(n, 1)
+    pool = Representations(raw, (augmented,))
+    y = torch.zeros(n, dtype=torch.long)
+    cloud = _Recorder()
+    p = Perturbation(1.0, 0.0, 1e6)  # noise scale 2e-6: the mix stays readable
+    fit_cloud(cloud, pool, y, p, FitSettings(2, 1e-3, n), torch.Generator(), 0.3)
+    first, second = cloud.seen
+    share = float((first[:, 1] > 0.5).float().mean())
+    assert share == pytest.approx(0.3, abs=0.03)  # 5 sigma for n = 4000
+    # fresh nullification and noise at every step: two epochs never see equal inputs
+    assert not torch.equal(first, second)
+    assert bool(((first - first.round()).abs() < 1e-4).all())
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero() -> None:
+    # inputs all (1, 1) and label 0: the gradient keeps its sign, so every Adam step
+    # moves a weight by about the step's learning rate (within 1%)
+    pool = Representations(torch.ones(64, 2))
+    y = torch.zeros(64, dtype=torch.long)
+    p = Perturbation(2.0, 0.0, 1e6)
+    lr, steps = 0.01, 8  # 2 epochs of 4 batches
+    expected = {
+        "constant": lr * steps,
+        "cosine": sum(lr * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(8)),
+    }
+    for schedule, total in expected.items():
+        cloud = nn.Linear(2, 2, bias=False)
+        before = cloud.weight.detach().clone()
+        settings = FitSettings(2, lr, 16, schedule)  # type: ignore[arg-type]
+        fit_cloud(cloud, pool, y, p, settings, torch.Generator().manual_seed(0))
+        moved = float(cloud.weight.detach()[0, 0] - before[0, 0])
+        assert moved == pytest.approx(total, rel=1e-2)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        FitSettings(lr_schedule="linear")  # type: ignore[arg-type]

@@ -1,10 +1,12 @@
 """``veil infer``: private cloud inference (ARDEN) from the command line.
 
-Four commands, thin wrappers over :mod:`veil.inference`:
+Five commands, thin wrappers over :mod:`veil.inference`:
 
 - ``veil infer train CONFIG``: train the device and cloud parts, measure accuracy
   against epsilon, write the parts (safetensors + JSON) and ``report.md`` into a run
   directory;
+- ``veil infer evaluate RUN_DIR``: re-measure the run's accuracies over several
+  independent perturbations of the test set (mean, sd, range);
 - ``veil infer serve RUN_DIR``: serve a cloud part over HTTP (FastAPI + uvicorn);
 - ``veil infer export RUN_DIR``: write the device part to ONNX, check it with
   onnxruntime against PyTorch, print size, parameter count and latency;
@@ -26,7 +28,7 @@ import typer
 
 from veil.errors import VeilError
 
-__all__ = ["app", "export", "query", "serve", "train"]
+__all__ = ["app", "evaluate", "export", "query", "serve", "train"]
 
 app = typer.Typer(
     name="infer",
@@ -71,6 +73,28 @@ def train(
     except VeilError as exc:
         raise _fail(exc) from None
     typer.echo(f"done: {run_dir}/report.md")
+
+
+@app.command()
+def evaluate(
+    run_dir: RunDir,
+    draws: Annotated[
+        int, typer.Option("--draws", min=1, help="Perturbations of the test set.")
+    ] = 5,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", envvar="VEIL_DATA", help="Folder of datasets."),
+    ] = None,
+) -> None:
+    """Re-measure RUN_DIR's accuracies against epsilon over several noise draws."""
+    from veil.inference.evaluate import evaluate_run, format_evaluation
+
+    try:
+        result = evaluate_run(run_dir, draws, data_dir)
+    except VeilError as exc:
+        raise _fail(exc) from None
+    typer.echo(format_evaluation(result))
+    typer.echo(f"written: {run_dir}/evaluation.json")
 
 
 @app.command()

@@ -34,6 +34,8 @@ lr = 0.001
 batch_size = 128
 augment = "auto"           # auto | affine (images) | swap (tabular) | none
 augmented_fraction = 0.5   # the mix: share of augmented inputs per batch
+augmented_copies = 4       # augmented versions made of each input (once)
+lr_schedule = "constant"   # constant | cosine (decays to 0 over all steps)
 rotation = 15.0            # affine: degrees
 shift = 0.1                # affine: fraction of the image side
 swap_rate = 0.1            # swap: probability per feature
@@ -136,6 +138,8 @@ class NoisyTrainingConfig(_Section):
     batch_size: PositiveInt = 128
     augment: Literal["auto", "affine", "swap", "none"] = "auto"
     augmented_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    augmented_copies: PositiveInt = 4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     rotation: Annotated[float, Field(ge=0, le=180)] = 15.0
     shift: Annotated[float, Field(ge=0, lt=1)] = 0.1
     swap_rate: Annotated[float, Field(ge=0, le=1)] = 0.1

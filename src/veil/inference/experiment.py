@@ -6,10 +6,13 @@ The run, for a validated :class:`~veil.inference.config.InferenceConfig`:
    on, its test split the private inputs of the devices' queries;
 2. pretrain device part + bound + cloud part without noise, freeze the device part;
 3. measure test accuracy of the split model without privacy (bound only);
-4. for every epsilon of the report: accuracy of the plainly trained cloud part on
-   perturbed representations; noisy training of a copy of it at that epsilon, and its
-   accuracy on perturbed representations;
-5. write the parts (:mod:`veil.inference.artifacts`), ``results.json`` and
+4. compute the frozen device part's representations of the training inputs and of
+   ``augmented_copies`` augmented copies of them, once;
+5. for every epsilon of the report: accuracy of the plainly trained cloud part on
+   perturbed representations; noisy training of a copy of it at that epsilon (fresh
+   nullification and noise at every step), and its accuracy on perturbed
+   representations;
+6. write the parts (:mod:`veil.inference.artifacts`), ``results.json`` and
    ``report.md`` into a fresh run directory.
 
 Every random choice comes from the run's seed (``veil._seeding``), so a config and a
@@ -37,11 +40,12 @@ from veil.inference.config import InferenceConfig, dump_inference_config
 from veil.inference.training import (
     Augment,
     FitSettings,
+    Representations,
     affine_augment,
     evaluate_split,
+    fit_cloud,
     pretrain,
     swap_augment,
-    train_cloud,
 )
 from veil.models.split import SPLIT_LAYERS
 
@@ -53,7 +57,7 @@ RESULTS_FORMAT = "veil.inference-results/1"
 
 # Random streams of an inference run (kept stable: results depend on them).
 _STREAM = 100
-_INIT, _PRETRAIN, _NOISY, _EVAL = 0, 1, 2, 3
+_INIT, _PRETRAIN, _NOISY, _EVAL, _POOL = 0, 1, 2, 3, 4
 
 
 def cloud_name(epsilon: float) -> str:
@@ -125,9 +129,18 @@ def run_inference(
     baseline = evaluate_split(device, plain, test.x, test.y, None, _gen(seed, _EVAL))
     say(f"split model without privacy: accuracy {baseline:.4f}")
 
+    nt = config.noisy_training
+    start = time.perf_counter()
+    augment = _augment(config, images=train.x.dim() == 4)
+    if nt.augmented_fraction == 0:
+        augment = None  # no augmented input is ever drawn: compute none
+    pool = Representations.compute(
+        device, train.x, _gen(seed, _POOL), augment, nt.augmented_copies
+    )
+    pool_seconds = time.perf_counter() - start
     rows, clouds = [], {"plain": plain}
     for epsilon in config.epsilons():
-        row, noisy = _measure(config, spec, device, plain, train, test, epsilon)
+        row, noisy = _measure(config, spec, device, plain, pool, train, test, epsilon)
         rows.append(row)
         clouds[cloud_name(epsilon)] = noisy
         say(
@@ -146,6 +159,7 @@ def run_inference(
         "test_examples": len(test),
         "baseline_accuracy": baseline,
         "pretrain_seconds": pretrain_seconds,
+        "representations_seconds": pool_seconds,
         "threads": torch.get_num_threads(),
         "rows": rows,
     }
@@ -163,6 +177,7 @@ def _measure(
     spec: SplitSpec,
     device: nn.Sequential,
     plain: nn.Sequential,
+    pool: Representations,
     train: Dataset,
     test: Dataset,
     epsilon: float,
@@ -176,15 +191,13 @@ def _measure(
     nt = config.noisy_training
     noisy = copy.deepcopy(plain)
     start = time.perf_counter()
-    train_cloud(
-        device,
+    fit_cloud(
         noisy,
-        train.x,
+        pool,
         train.y,
         perturbation,
-        FitSettings(nt.epochs, nt.lr, nt.batch_size),
+        FitSettings(nt.epochs, nt.lr, nt.batch_size, nt.lr_schedule),
         _gen(config.seed, _NOISY, key),
-        _augment(config, images=train.x.dim() == 4),
         nt.augmented_fraction,
     )
     seconds = time.perf_counter() - start

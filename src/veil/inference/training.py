@@ -9,7 +9,12 @@ ARDEN's recipe, as plain PyTorch with no I/O:
    fine-tuned from the plain one) on perturbed representations, bound, nullified and
    Laplace-noised exactly as a device would send them, of the raw training inputs and
    of augmented ones. ``augmented_fraction`` is the mix: the expected fraction of each
-   batch replaced by augmented inputs (ARDEN feeds both).
+   batch replaced by augmented inputs (ARDEN feeds both). The device part is frozen,
+   so the representations are computed once (:meth:`Representations.compute`: the
+   raw inputs and ``augmented_copies`` augmented copies of each) and only the
+   nullification and the noise are drawn afresh at every step; :func:`fit_cloud`
+   trains on such a precomputed pool (``veil infer train`` shares one pool among all
+   its epsilons).
 3. :func:`evaluate_split` measures accuracy with the perturbation a device applies.
 
 Augmentations (plain torch, no torchvision): :func:`affine_augment` (random rotation
@@ -27,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -38,8 +44,10 @@ from veil.inference.perturb import Perturbation
 __all__ = [
     "Augment",
     "FitSettings",
+    "Representations",
     "affine_augment",
     "evaluate_split",
+    "fit_cloud",
     "pretrain",
     "swap_augment",
     "train_cloud",
@@ -59,17 +67,24 @@ class FitSettings:
         epochs: passes over the training set, >= 1.
         lr: Adam learning rate, > 0.
         batch_size: examples per step, >= 1.
+        lr_schedule: ``"constant"``, or ``"cosine"``: the learning rate decays
+            from ``lr`` to 0 over all steps (cosine annealing, stepped per batch).
     """
 
     epochs: int = 3
     lr: float = 1e-3
     batch_size: int = 128
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(
                 "epochs and batch_size must be >= 1 and lr > 0, got "
                 f"{self.epochs}, {self.batch_size} and {self.lr}"
+            )
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
             )
 
 
@@ -140,6 +155,12 @@ def _fit(
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=settings.lr
     )
+    steps = settings.epochs * math.ceil(n / settings.batch_size)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        if settings.lr_schedule == "cosine"
+        else None
+    )
     for epoch in range(1, settings.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=generator)
@@ -150,6 +171,8 @@ def _fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             total += float(loss.detach()) * len(labels)
         logger.info("%s: epoch %d, train loss %.4f", stage, epoch, total / n)
 
@@ -169,6 +192,57 @@ def pretrain(
     device_part.eval().requires_grad_(False)
 
 
+@dataclass(frozen=True)
+class Representations:
+    """Representations of the training inputs by a frozen device part.
+
+    Attributes:
+        raw: ``device_part(x)`` flattened, shape ``(N, d)``.
+        augmented: ``device_part(augment(x))`` flattened, one ``(N, d)`` tensor per
+            augmented copy of the inputs (empty without augmentation).
+    """
+
+    raw: torch.Tensor
+    augmented: tuple[torch.Tensor, ...] = ()
+
+    @classmethod
+    @torch.no_grad()
+    def compute(
+        cls,
+        device_part: nn.Module,
+        x: torch.Tensor,
+        generator: torch.Generator,
+        augment: Augment | None = None,
+        copies: int = 4,
+        batch_size: int = 1000,
+    ) -> Representations:
+        """Run the frozen ``device_part`` over ``x`` and ``copies`` augmented
+        copies of it (none when ``augment`` is ``None``); ``copies`` >= 1."""
+        if copies < 1:
+            raise ConfigError(f"augmented_copies must be >= 1, got {copies}")
+        device_part.eval()
+
+        def run(inputs: torch.Tensor) -> torch.Tensor:
+            parts = [
+                device_part(inputs[i : i + batch_size]).flatten(1)
+                for i in range(0, len(inputs), batch_size)
+            ]
+            return torch.cat(parts)
+
+        augmented: list[torch.Tensor] = []
+        if augment is not None:
+            for _ in range(copies):
+                augmented.append(
+                    torch.cat(
+                        [
+                            run(augment(x[i : i + batch_size], generator))
+                            for i in range(0, len(x), batch_size)
+                        ]
+                    )
+                )
+        return cls(run(x), tuple(augmented))
+
+
 def train_cloud(
     device_part: nn.Module,
     cloud_part: nn.Module,
@@ -179,6 +253,7 @@ def train_cloud(
     generator: torch.Generator,
     augment: Augment | None = None,
     augmented_fraction: float = 0.5,
+    augmented_copies: int = 4,
 ) -> None:
     """Noisy training: train ``cloud_part`` in place on perturbed representations.
 
@@ -192,26 +267,52 @@ def train_cloud(
         augment: the augmentation, or ``None`` to train on raw inputs only.
         augmented_fraction: the mix, in [0, 1]: each example of a batch is
             replaced by an augmented version with this probability.
+        augmented_copies: augmented versions made of each input, >= 1 (the
+            representations are computed once; see :class:`Representations`).
     """
-    if not 0 <= augmented_fraction <= 1:
-        raise ConfigError(
-            f"augmented_fraction must be in [0, 1], got {augmented_fraction}"
-        )
-    device_part.eval()
+    _check_mix(augmented_fraction)
+    pool = Representations.compute(device_part, x, generator, augment, augmented_copies)
+    fit_cloud(
+        cloud_part, pool, y, perturbation, settings, generator, augmented_fraction
+    )
+
+
+def fit_cloud(
+    cloud_part: nn.Module,
+    pool: Representations,
+    y: torch.Tensor,
+    perturbation: Perturbation,
+    settings: FitSettings,
+    generator: torch.Generator,
+    augmented_fraction: float = 0.5,
+) -> None:
+    """Noisy training on precomputed representations (see :func:`train_cloud`).
+
+    Each example of a batch is, with probability ``augmented_fraction``, replaced
+    by one of its augmented copies in ``pool`` (chosen uniformly), then bounded,
+    nullified and noised by ``perturbation`` with fresh randomness from
+    ``generator`` at every step.
+    """
+    _check_mix(augmented_fraction)
+    copies = torch.stack(pool.augmented) if pool.augmented else None
 
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = x[idx]
-        if augment is not None and augmented_fraction > 0:
+        r = pool.raw[idx]
+        if copies is not None and augmented_fraction > 0:
             chosen = torch.rand(len(idx), generator=generator) < augmented_fraction
-            if chosen.any():
-                inputs = inputs.clone()
-                inputs[chosen] = augment(inputs[chosen], generator)
-        with torch.no_grad():
-            r = device_part(inputs).flatten(1)
+            which = torch.randint(0, len(copies), (len(idx),), generator=generator)
+            r = torch.where(chosen[:, None], copies[which, idx], r)
         return perturbation(r, generator), y[idx]
 
     stage = f"noisy training (epsilon {perturbation.epsilon:g})"
     _fit(cloud_part, batch, len(y), settings, generator, stage)
+
+
+def _check_mix(augmented_fraction: float) -> None:
+    if not 0 <= augmented_fraction <= 1:
+        raise ConfigError(
+            f"augmented_fraction must be in [0, 1], got {augmented_fraction}"
+        )
 
 
 @torch.no_grad()
