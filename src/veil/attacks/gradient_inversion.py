@@ -140,13 +140,18 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 def infer_labels(
-    model: nn.Module, observed: ObservedUpdate, batch_size: int
+    model: nn.Module,
+    observed: ObservedUpdate,
+    batch_size: int,
+    gradient_scale: float = 1.0,
 ) -> torch.Tensor:
     """The victim's labels read from the last linear layer's gradient (iDLG).
 
     Uses the bias gradient when released, else the weight gradient's row norms (the
     true class's row is the largest for one example, since ``|p_y - 1|`` equals the
     sum of the other classes' probabilities). Unreleased coordinates count as zero.
+    ``gradient_scale`` is the release's scale (see :class:`InversionConfig`); only
+    its sign matters here (an SGD delta is ``-lr`` times the gradient).
 
     Raises:
         VeilError: ``batch_size`` exceeds the number of classes, or the layer is
@@ -162,7 +167,7 @@ def infer_labels(
         )
     bias, weight = f"{prefix}.bias", f"{prefix}.weight"
     if layer.bias is not None and bias in observed.grads:
-        score = observed.grads[bias].double()
+        score = observed.grads[bias].double() * (1.0 if gradient_scale >= 0 else -1.0)
     elif weight in observed.grads:
         score = -observed.grads[weight].double().norm(dim=1)
     else:
@@ -317,7 +322,7 @@ def invert_gradients(
         num_classes = model(torch.zeros(1, *input_shape)).shape[-1]
     labels = None
     if config.method == "idlg":
-        labels = infer_labels(model, observed, batch_size)
+        labels = infer_labels(model, observed, batch_size, config.gradient_scale)
     best: Reconstruction | None = None
     for start in range(config.restarts):
         found = _one_start(

@@ -5,10 +5,12 @@ writes ``RUN_DIR/attacks/attacks.json`` (format :data:`ATTACKS_FORMAT`) and PNG
 figures; the run's report then shows them in an *Attacks* section
 (:mod:`veil.experiment._attacks`). Two attacks:
 
-- gradient inversion (iDLG) against the first examples of client 0, one at a time,
-  as its first-round upload (the run's initial weights): undefended, and, when the
-  run used DP-SGD, through one DP-SGD step at the run's noise multiplier and
-  clipping norm (batch of one, the worst case for the client);
+- gradient inversion (iDLG, cosine match) against the first examples of client 0,
+  one at a time, as its first-round upload (the run's initial weights), produced by
+  veil's own code (:mod:`veil.attacks.releases`): a FedAvg client's one-step update
+  and, when the run used DP-SGD, one :class:`~veil.privacy.DPSGDTrainer` step at the
+  run's noise multiplier and clipping norm (batch of one, the worst case for the
+  client);
 - membership inference against every final model in ``models/``: loss threshold,
   and, with ``references >= 1``, difficulty calibration with reference models
   trained on half of the test set. Members are training examples, non-members test
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 from veil._seeding import Stream, numpy_rng
-from veil.attacks.gradient_inversion import InversionConfig, invert_gradients
+from veil.attacks.gradient_inversion import invert_gradients
 from veil.attacks.membership import (
     calibrated_scores,
     loss_threshold_scores,
@@ -42,7 +45,7 @@ from veil.attacks.membership import (
     per_example_losses,
 )
 from veil.attacks.metrics import label_accuracy, psnr, ssim
-from veil.attacks.views import ObservedUpdate, dpsgd_view, plain_view
+from veil.attacks.releases import ClientRelease, dpsgd_release, fedavg_release
 from veil.data import FederatedDataset, load_dataset, partition
 from veil.errors import ConfigError
 from veil.experiment._attacks import ATTACKS_FORMAT
@@ -51,6 +54,7 @@ from veil.experiment.config import ExperimentConfig, parse_config
 from veil.experiment.runner import initial_state
 from veil.learning import SGDTrainer
 from veil.models import build_model
+from veil.privacy import DPSGDTrainer
 
 __all__ = ["ATTACKS_FORMAT", "AttackSettings", "attack_run"]
 
@@ -149,18 +153,18 @@ def _inversion(
     shown: dict[str, list[torch.Tensor]] = {name: [] for name in defences}
     for i, index in enumerate(victims.tolist()):
         x, y = train.x[index : index + 1], train.y[index : index + 1]
-        for name, clipping_norm in defences.items():
-            observed = _observe(model, x, y, name, clipping_norm, privacy, i)
-            attack = InversionConfig(
+        for name, release_of in defences.items():
+            release = release_of(model, x, y, i)
+            attack = release.attack(
+                match="cosine",
                 iterations=settings.iterations,
                 restarts=settings.restarts,
                 tv_weight=0.01 if image else 0.0,
                 input_bounds=(low, high),
-                clipping_norm=clipping_norm,
             )
             rec = invert_gradients(
                 model,
-                observed,
+                release.observed,
                 input_shape=tuple(x.shape[1:]),
                 config=attack,
                 generator=torch.Generator().manual_seed(settings.seed + i),
@@ -189,15 +193,33 @@ def _inversion(
     }
 
 
+#: One defence's release of a victim's batch: ``(model, x, y, victim index)``.
+ReleaseOf = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], ClientRelease]
+
+
 def _defences(
     config: ExperimentConfig, privacy: dict[str, dict[str, Any]]
-) -> dict[str, float | None]:
-    """The views to attack, by name, with the clipping norm the attacker mirrors."""
-    views: dict[str, float | None] = {"undefended": None}
+) -> dict[str, ReleaseOf]:
+    """The releases to attack, by name, each produced by veil's own module: a
+    FedAvg client's one-step update at the run's local learning rate and, when the
+    run used DP-SGD, one step of :class:`~veil.privacy.DPSGDTrainer` at the run's
+    noise multiplier and clipping norm."""
+    lr = config.local.lr
+    views: dict[str, ReleaseOf] = {
+        "undefended": lambda m, x, y, i: fedavg_release(m, x, y, lr=lr)
+    }
     z = _noise_multiplier(privacy)
     if z is not None and config.dp is not None:
+        trainer = DPSGDTrainer(
+            lr=lr,
+            clipping_norm=config.dp.clipping_norm,
+            noise_multiplier=z,
+            sample_rate=1.0,
+        )
         views[f"DP-SGD step (z={z:.3g}, C={config.dp.clipping_norm:g})"] = (
-            config.dp.clipping_norm
+            lambda m, x, y, i: dpsgd_release(
+                m, x, y, trainer, torch.Generator().manual_seed(10_000 + i)
+            )
         )
     return views
 
@@ -206,30 +228,6 @@ def _noise_multiplier(privacy: dict[str, dict[str, Any]]) -> float | None:
     """The smallest Gaussian noise multiplier any of the run's ledgers used."""
     values = [z for p in privacy.values() for z in p.get("noise_multiplier", [])]
     return min(values) if values else None
-
-
-def _observe(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    name: str,
-    clipping_norm: float | None,
-    privacy: dict[str, dict[str, Any]],
-    i: int,
-) -> ObservedUpdate:
-    if clipping_norm is None:
-        return plain_view(model, x, y)
-    z = _noise_multiplier(privacy)
-    assert z is not None
-    return dpsgd_view(
-        model,
-        x,
-        y,
-        clipping_norm=clipping_norm,
-        noise_multiplier=z,
-        expected_batch_size=1.0,
-        generator=torch.Generator().manual_seed(10_000 + i),
-    )
 
 
 def _mean_rows(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
