@@ -271,14 +271,20 @@ def _one_start(
         loss.backward()
         return float(loss.detach())
 
+    last = x.detach().clone()
     for _ in range(config.iterations):
         opt.step(closure)
         if config.input_bounds is not None:
             with torch.no_grad():
                 x.clamp_(*config.input_bounds)
         if not torch.isfinite(x).all():
+            # The search diverged: answer with the last finite inputs.
+            with torch.no_grad():
+                x.copy_(last)
             break
-    final = objective().item() if torch.isfinite(x).all() else float("inf")
+        last = x.detach().clone()
+    final = objective().item()
+    final = final if torch.isfinite(torch.tensor(final)) else float("inf")
     found = labels if labels is not None else soft.detach().argmax(-1)
     return Reconstruction(x.detach(), found, final)
 
