@@ -104,11 +104,14 @@ def run_dpsgd() -> tuple[float, float, float, float]:
     return z, config["dp"]["clipping_norm"], config["central_dp"]["lr"], eps
 
 
+MATCH = ["cosine"]  # set by --match
+
+
 def attack_config(model_name: str, release: ClientRelease) -> Any:
     if model_name == "2nn":
-        return release.attack(match="cosine", iterations=50, input_bounds=(LOW, HIGH))
+        return release.attack(match=MATCH[0], iterations=50, input_bounds=(LOW, HIGH))
     return release.attack(
-        match="cosine",
+        match=MATCH[0],
         iterations=40,
         restarts=2,
         tv_weight=0.01,
