@@ -9,8 +9,10 @@ figures; the run's report then shows them in an *Attacks* section
   one at a time, as its first-round upload (the run's initial weights), produced by
   veil's own code (:mod:`veil.attacks.releases`): a FedAvg client's one-step update
   and, when the run used DP-SGD, one :class:`~veil.privacy.DPSGDTrainer` step at the
-  run's noise multiplier and clipping norm (batch of one, the worst case for the
-  client);
+  run's noise multiplier and clipping norm; a DSSGD upload per θu of the run; a
+  secure aggregation masked input (a round of two); DP-FedAvg's model release and,
+  without secure aggregation, what its server receives (batch of one, the worst
+  case for the client);
 - membership inference against every final model in ``models/``: loss threshold,
   and, with ``references >= 1``, difficulty calibration with reference models
   trained on half of the test set. Members are training examples, non-members test
@@ -45,14 +47,24 @@ from veil.attacks.membership import (
     per_example_losses,
 )
 from veil.attacks.metrics import label_accuracy, psnr, ssim
-from veil.attacks.releases import ClientRelease, dpsgd_release, fedavg_release
+from veil.attacks.releases import (
+    ClientRelease,
+    dp_fedavg_client_release,
+    dp_fedavg_model_release,
+    dpsgd_release,
+    dssgd_release,
+    fedavg_release,
+    secagg_round,
+)
 from veil.data import FederatedDataset, load_dataset, partition
 from veil.errors import ConfigError
 from veil.experiment._attacks import ATTACKS_FORMAT
 from veil.experiment._dp import read_privacy
+from veil.experiment._dssgd import settings_from_config
 from veil.experiment.config import ExperimentConfig, parse_config
 from veil.experiment.runner import initial_state
 from veil.learning import SGDTrainer
+from veil.learning.dssgd import DSSGDSettings
 from veil.models import build_model
 from veil.privacy import DPSGDTrainer
 
@@ -208,6 +220,7 @@ def _defences(
     views: dict[str, ReleaseOf] = {
         "undefended": lambda m, x, y, i: fedavg_release(m, x, y, lr=lr)
     }
+    views.update(_module_defences(config, privacy))
     z = _noise_multiplier(privacy)
     if z is not None and config.dp is not None:
         trainer = DPSGDTrainer(
@@ -222,6 +235,70 @@ def _defences(
             )
         )
     return views
+
+
+def _module_defences(
+    config: ExperimentConfig, privacy: dict[str, dict[str, Any]]
+) -> dict[str, ReleaseOf]:
+    """The releases of the run's DSSGD, DP-FedAvg and secure aggregation, each by
+    its own module, at the run's settings (a client's first turn on one example)."""
+    lr = config.local.lr
+    views: dict[str, ReleaseOf] = {}
+    if "dssgd" in config.methods:
+        for u in config.dssgd.upload_fractions:
+            settings = settings_from_config(config.dssgd, u)
+            name = f"DSSGD upload (theta_u={u:g}, {settings.selection})"
+            views[name] = _dssgd_view(settings, lr)
+    if "fedavg" in config.methods and config.fedavg.secure_aggregation:
+        views["secure aggregation: masked input"] = lambda m, x, y, i: secagg_round(
+            m, [(x, y), (x, (y + 1) % _classes(m, x))], lr=lr, secagg=config.secagg
+        ).masked_release(0)
+    dp = config.dp_fedavg
+    ledger = privacy.get("dp-fedavg", {}).get("noise_multiplier", [])
+    if "dp-fedavg" in config.methods and dp is not None and ledger:
+        # A fixed-size round is recorded with z / 2 (replace-one; see DPFedAvg).
+        z = float(ledger[0]) * (2.0 if dp.sampling == "fixed" else 1.0)
+        where = "distributed" if dp.placement == "distributed" else "central"
+        views[f"DP-FedAvg model release (z={z:.3g}, S={dp.clipping_norm:g})"] = (
+            lambda m, x, y, i: dp_fedavg_model_release(
+                m,
+                x,
+                y,
+                lr=lr,
+                clipping_norm=dp.clipping_norm,
+                noise_multiplier=z,
+                placement=where,
+                seed=i,
+            )
+        )
+        if not dp.secure_aggregation:
+            views[f"DP-FedAvg server's view ({where})"] = lambda m, x, y, i: (
+                dp_fedavg_client_release(
+                    m,
+                    x,
+                    y,
+                    lr=lr,
+                    clipping_norm=dp.clipping_norm,
+                    noise_multiplier=z,
+                    placement=where,
+                    seed=i,
+                )
+            )
+    return views
+
+
+def _dssgd_view(settings: DSSGDSettings, lr: float) -> ReleaseOf:
+    def release(
+        m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, i: int
+    ) -> ClientRelease:
+        return dssgd_release(m, x, y, settings, lr=lr, seed=i)
+
+    return release
+
+
+def _classes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x).shape[-1])
 
 
 def _noise_multiplier(privacy: dict[str, dict[str, Any]]) -> float | None:
