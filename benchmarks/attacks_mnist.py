@@ -18,7 +18,9 @@ Every gradient-inversion target is produced by veil's own code
 3. ``membership``: an overfit 2NN (500 examples, 100 epochs) and a DP-SGD 2NN at
    epsilon <= 3 on the same 500 examples (30 epochs).
 4. ``representation``: a decoder against the tanh CNN's first block.
-5. ``audit``: empirical lower bounds on epsilon for ``DPSGDTrainer`` and ``DPFedAvg``
+5. ``analytic``: the first-layer attack (:func:`veil.attacks.analytic_first_layer`,
+   no search) on the 2NN against every release.
+6. ``audit``: empirical lower bounds on epsilon for ``DPSGDTrainer`` and ``DPFedAvg``
    (central and distributed), and for both with their noise scaled down.
 
 Run: ``nice .venv/bin/python benchmarks/attacks_mnist.py --out runs/attacks-mnist``
@@ -46,6 +48,7 @@ from torch import nn
 
 from veil.attacks import (
     ClientRelease,
+    analytic_first_layer,
     audit_epsilon,
     calibrated_scores,
     dp_fedavg_client_release,
@@ -240,6 +243,38 @@ def gradient_inversion(
             for name, rs in rows.items()
         }
     return results
+
+
+def analytic(data: Any, victims: int) -> dict[str, Any]:
+    """The first-layer attack (no search) on the 2NN against every release."""
+    dpsgd = run_dpsgd()
+    torch.manual_seed(0)
+    model = build_model("2nn")
+    rows: dict[str, list[dict[str, float]]] = {}
+    for i in range(victims):
+        x, y = data.train.x[i : i + 1], data.train.y[i : i + 1]
+        lo = 100 + 9 * i
+        peers = [
+            (data.train.x[k : k + 1], data.train.y[k : k + 1])
+            for k in range(lo, lo + 9)
+        ]
+        for name, rel in releases(model, x, y, peers, dpsgd, i).items():
+            rec = analytic_first_layer(model, rel.observed, (1, 28, 28), fill=LOW)
+            row = {
+                "psnr": float(psnr(pixels(rec), pixels(x))),
+                "ssim": float(ssim(pixels(rec), pixels(x))),
+            }
+            rows.setdefault(name, []).append(row)
+            print(f"analytic 2nn victim {i} {name}: {row}", flush=True)
+    return {
+        name: {
+            "psnr_mean": float(np.mean([r["psnr"] for r in rs])),
+            "psnr_min": float(np.min([r["psnr"] for r in rs])),
+            "ssim_mean": float(np.mean([r["ssim"] for r in rs])),
+            "victims": len(rs),
+        }
+        for name, rs in rows.items()
+    }
 
 
 def secure_aggregation(
@@ -514,6 +549,8 @@ def main() -> None:
         )
         found = gradient_inversion(data, args.out, args.victims, models, skip)
         results.setdefault("inversion", {}).update(found)
+    if "analytic" in parts:
+        results["analytic_2nn"] = analytic(data, args.victims)
     if "secagg" in parts:
         found = secure_aggregation(data, args.victims, models)
         results.setdefault("secure_aggregation", {}).update(found)

@@ -169,3 +169,23 @@ def test_bad_inputs_are_refused() -> None:
         invert_gradients(
             model, ObservedUpdate({"nope": torch.ones(1)}), input_shape=(1, 8, 8)
         )
+
+
+def test_analytic_first_layer_reads_the_input_off_a_dssgd_upload() -> None:
+    """Row j of the first layer's weight gradient is x times the bias gradient j:
+    the input comes back exactly from the full update and from a sparse upload."""
+    from veil.attacks import analytic_first_layer, fedavg_release
+
+    model = small_mlp()
+    x, y = _example(8, 5)
+    full = fedavg_release(model, x, y, lr=0.1).observed
+    assert psnr(analytic_first_layer(model, full, (1, 8, 8)), x).item() > 80
+    sparse = dssgd_release(model, x, y, DSSGDSettings(0.3), lr=0.1).observed
+    rec = analytic_first_layer(model, sparse, (1, 8, 8), fill=-1.0)
+    read = rec != -1.0
+    # The largest coordinates are those of the brightest pixels: read exactly.
+    assert read.float().mean() > 0.5
+    assert torch.allclose(rec[read], x[read], atol=1e-4)
+    assert x[read].min() >= x[~read].max()
+    with pytest.raises(VeilError, match="nn.Linear of 10 inputs"):
+        analytic_first_layer(model, full, (1, 10))

@@ -30,6 +30,7 @@ from veil.attacks.audit import (
 from veil.attacks.gradient_inversion import (
     InversionConfig,
     Reconstruction,
+    analytic_first_layer,
     infer_labels,
     invert_gradients,
     last_linear,
@@ -84,6 +85,7 @@ __all__ = [
     "Reconstruction",
     "Release",
     "SecAggRound",
+    "analytic_first_layer",
     "audit_epsilon",
     "calibrated_scores",
     "clopper_pearson_upper",

@@ -18,6 +18,11 @@ model of the release to be exact: same loss, same reduction, same scale) or
 Only released coordinates are compared (a sparse DSSGD upload hides the rest).
 An attacker facing DP-SGD mirrors its per-example clipping with ``clipping_norm``.
 
+:func:`analytic_first_layer` needs no search: for one example through a first fully
+connected layer with bias, row ``j`` of the weight gradient is the input times the
+bias gradient ``j`` (Phong et al. 2017 showed it against distributed selective SGD),
+so the input is read off any row whose weight and bias coordinates were released.
+
 Refused: ``idlg`` with more examples than classes (labels then repeat and cannot be
 read from the gradient; use ``dlg``, which optimises them).
 """
@@ -39,6 +44,7 @@ from veil.errors import VeilError
 __all__ = [
     "InversionConfig",
     "Reconstruction",
+    "analytic_first_layer",
     "infer_labels",
     "invert_gradients",
     "last_linear",
@@ -339,3 +345,63 @@ def invert_gradients(
             best = found
     assert best is not None
     return best
+
+
+def analytic_first_layer(
+    model: nn.Module,
+    observed: ObservedUpdate,
+    input_shape: tuple[int, ...],
+    fill: float = 0.0,
+) -> torch.Tensor:
+    """One example's input read off the first linear layer's released gradient.
+
+    For one example, ``dL/dW[j, i] = dL/db[j] * x[i]``: each input coordinate is the
+    ratio of a released weight coordinate to its row's released bias coordinate (the
+    row with the largest ``|dL/db[j]|`` among those released is used; the ratio is
+    blind to the release's scale and sign). Coordinates released in no usable row
+    are set to ``fill``.
+
+    Args:
+        model: the global model; its first ``nn.Linear`` must take the flattened
+            input (``prod(input_shape)`` features) and have a bias.
+        observed: one example's release.
+        input_shape: shape of one input, e.g. ``(1, 28, 28)``.
+        fill: value of the coordinates that cannot be read; default 0.
+
+    Returns:
+        The input, shape ``(1, *input_shape)``.
+    """
+    features = 1
+    for d in input_shape:
+        features *= d
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.in_features == features
+    ]
+    if not found or found[0][1].bias is None:
+        raise VeilError(
+            f"the model must start with an nn.Linear of {features} inputs and a "
+            "bias for the analytic attack; use invert_gradients"
+        )
+    prefix = found[0][0]
+    weight, bias = (
+        observed.grads.get(f"{prefix}.weight"),
+        observed.grads.get(f"{prefix}.bias"),
+    )
+    if weight is None or bias is None:
+        raise VeilError(
+            f"the observed update must hold {prefix}.weight and {prefix}.bias"
+        )
+    known_w = torch.ones_like(weight, dtype=torch.bool)
+    known_b = torch.ones_like(bias, dtype=torch.bool)
+    if observed.known is not None:
+        known_w = observed.known[f"{prefix}.weight"]
+        known_b = observed.known[f"{prefix}.bias"]
+    usable = known_w & (known_b & (bias != 0))[:, None]
+    strength = torch.where(usable, bias.abs()[:, None], torch.zeros(()))
+    row = strength.argmax(0)  # per input coordinate, the strongest usable row
+    cols = torch.arange(features)
+    x = weight[row, cols].double() / bias[row].double()
+    x = torch.where(usable[row, cols], x, torch.full_like(x, fill))
+    return x.float().reshape(1, *input_shape)
