@@ -187,5 +187,5 @@ def test_analytic_first_layer_reads_the_input_off_a_dssgd_upload() -> None:
     assert read.float().mean() > 0.5
     assert torch.allclose(rec[read], x[read], atol=1e-4)
     assert x[read].min() >= x[~read].max()
-    with pytest.raises(VeilError, match="nn.Linear of 10 inputs"):
+    with pytest.raises(VeilError, match=r"nn\.Linear of 10 inputs"):
         analytic_first_layer(model, full, (1, 10))
