@@ -1,28 +1,30 @@
 """The attacks of :mod:`veil.attacks` on MNIST: what each defence stops, measured.
 
-Five experiments, each printing its results and writing ``OUT/attacks_mnist.json``
-and PNG figures:
+Every gradient-inversion target is produced by veil's own code
+(:mod:`veil.attacks.releases`), never simulated:
 
-1. Gradient inversion (iDLG) against one client's batch-of-one upload, on the 2NN and
-   the tanh CNN at their initial weights (a FedAvg client's first round): plain,
-   DP-SGD at the noise multiplier that gives epsilon = 3 in mnist_dpsgd.toml,
-   DSSGD sparse uploads (theta_u = 0.1, 0.01), a DP-FedAvg contribution (clip to S,
-   noise z S) and a secure-aggregation sum over 10 clients. DSSGD, DP-FedAvg and
-   secure aggregation are simulated from their definitions (veil.attacks.views).
-2. Membership inference: an overfit 2NN (500 examples, 100 epochs) and a DP-SGD 2NN
-   at epsilon <= 3 on the same 500 examples (30 epochs), loss threshold and
-   calibrated with 4 reference models; non-members are 500 other training examples.
-   A second pass (``secagg``) scores the inversion of each summed round against every
-   participant, to see whose example, if anyone's, comes back.
-3. Representation inversion: a decoder against the tanh CNN's first block with the
-   Laplace perturbation at several epsilons.
-4. Auditing: empirical lower bounds on epsilon for veil's DP-SGD trainer and for a
-   simulated DP-FedAvg, beside the accountant's epsilon.
+1. ``inversion``: iDLG (cosine match) against one client's batch-of-one release at
+   the models' initial weights (a client's first round): a FedAvg update (SGD,
+   lr 0.1); one ``DPSGDTrainer`` step at the noise multiplier and clipping norm of
+   the epsilon-3 run in docs/results/mnist-dpsgd (read from its ledger and
+   config); DSSGD uploads (theta_u = 0.1 and 0.01 largest, 0.1 at random above
+   tau = 1e-4 as in mnist_dssgd_dp.toml, and with that file's selective DP); what a
+   DP-FedAvg server receives (central: clipped only; distributed: with the noise
+   share of a 10-client round) and the model release of a round with the noise of
+   z = 1; a secure aggregation masked input and the sum of a 10-client round, both
+   from ``veil.secagg.secure_sum``.
+2. ``secagg``: whose example, if anyone's, comes back from the sum of a round, and
+   the round's label histogram read from the sum.
+3. ``membership``: an overfit 2NN (500 examples, 100 epochs) and a DP-SGD 2NN at
+   epsilon <= 3 on the same 500 examples (30 epochs).
+4. ``representation``: a decoder against the tanh CNN's first block.
+5. ``analytic``: the first-layer attack (:func:`veil.attacks.analytic_first_layer`,
+   no search) on the 2NN against every release.
+6. ``audit``: empirical lower bounds on epsilon for ``DPSGDTrainer`` and ``DPFedAvg``
+   (central and distributed), and for both with their noise scaled down.
 
 Run: ``nice .venv/bin/python benchmarks/attacks_mnist.py --out runs/attacks-mnist``
-(about 90 minutes of one core on a busy 2-core machine, most of it the tanh CNN
-inversions; ``--only`` picks parts: inversion, secagg, membership, representation,
-audit).
+(``--only`` picks parts; ``--models`` picks 2nn, tanh-cnn).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import json
 import math
 import time
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,14 +47,17 @@ import torch
 from torch import nn
 
 from veil.attacks import (
-    InversionConfig,
-    ObservedUpdate,
+    ClientRelease,
+    analytic_first_layer,
     audit_epsilon,
     calibrated_scores,
-    clipped_noised_view,
+    dp_fedavg_client_release,
+    dp_fedavg_model_release,
     dpfedavg_canary_release,
     dpsgd_canary_release,
-    dpsgd_view,
+    dpsgd_release,
+    dssgd_release,
+    fedavg_release,
     invert_gradients,
     invert_representations,
     label_accuracy,
@@ -59,16 +65,15 @@ from veil.attacks import (
     loss_threshold_scores,
     membership_report,
     per_example_losses,
-    plain_view,
     psnr,
-    sparse_view,
+    secagg_round,
     ssim,
-    summed_view,
     train_decoder,
 )
 from veil.data import load_mnist
 from veil.data._datasets import MNIST_MEAN, MNIST_STD
 from veil.learning import SGDTrainer, evaluate
+from veil.learning.dssgd import DSSGDSettings, SelectiveDP, decode_sparse, flatten
 from veil.models import build_model
 from veil.privacy import (
     DPSGDTrainer,
@@ -87,74 +92,123 @@ def pixels(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * MNIST_STD + MNIST_MEAN).clamp(0, 1)
 
 
-def attack_config(model_name: str, **kwargs: Any) -> InversionConfig:
+LR = 0.1  # the clients' learning rate (mnist_dssgd_*.toml, mnist_dp_fedavg_*.toml)
+RUN = Path(__file__).resolve().parents[1] / "docs" / "results" / "mnist-dpsgd"
+
+
+def run_dpsgd() -> tuple[float, float, float, float]:
+    """Noise multiplier, clipping norm, learning rate and epsilon of the epsilon-3
+    DP-SGD run in docs/results/mnist-dpsgd, from its ledger and config."""
+    ledger = json.loads(next((RUN / "privacy").glob("*.json")).read_text())
+    event = ledger["ledger"]["events"][0]
+    z, q, steps = event["noise_multiplier"], event["sample_rate"], event["count"]
+    config = tomllib.loads((RUN / "config.toml").read_text())
+    eps = dpsgd_epsilon(z, q, steps, ledger["delta"])
+    return z, config["dp"]["clipping_norm"], config["central_dp"]["lr"], eps
+
+
+MATCH = ["cosine"]  # set by --match
+
+
+def attack_config(model_name: str, release: ClientRelease) -> Any:
     if model_name == "2nn":
-        return InversionConfig(iterations=50, input_bounds=(LOW, HIGH), **kwargs)
-    return InversionConfig(
-        iterations=40, restarts=2, tv_weight=0.01, input_bounds=(LOW, HIGH), **kwargs
+        return release.attack(match=MATCH[0], iterations=50, input_bounds=(LOW, HIGH))
+    return release.attack(
+        match=MATCH[0],
+        iterations=40,
+        restarts=2,
+        tv_weight=0.01,
+        input_bounds=(LOW, HIGH),
     )
 
 
-def views(
+def releases(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    others: tuple[torch.Tensor, torch.Tensor],
-    sigma: float,
-    g: torch.Generator,
-) -> dict[str, tuple[ObservedUpdate, dict[str, Any]]]:
-    """Every defence's view of the victim's upload, with the attacker's mirror."""
-    plain = plain_view(model, x, y)
-    peers = [
-        plain_view(model, ox[None], oy[None]) for ox, oy in zip(*others, strict=True)
-    ]
+    peers: list[tuple[torch.Tensor, torch.Tensor]],
+    dpsgd: tuple[float, float, float, float],
+    seed: int,
+) -> dict[str, ClientRelease]:
+    """Every defence's release of the victim's example, from veil's own modules."""
+    z, c, lr, eps = dpsgd
+    trainer = DPSGDTrainer(lr=lr, clipping_norm=c, noise_multiplier=z, sample_rate=1.0)
+    g = torch.Generator().manual_seed(seed)
+    selective = SelectiveDP(100.0, bound=0.01, threshold=1e-4)
+    secagg = secagg_round(model, [(x, y), *peers], lr=LR, seed=seed)
+    dpfa = {"lr": LR, "clipping_norm": 0.1, "noise_multiplier": 1.0, "seed": seed}
     return {
-        "plain": (plain, {}),
-        f"DP-SGD (z={sigma:.2f}, C=1)": (
-            dpsgd_view(
-                model,
-                x,
-                y,
-                clipping_norm=1.0,
-                noise_multiplier=sigma,
-                expected_batch_size=1.0,
-                generator=g,
-            ),
-            {"clipping_norm": 1.0},
+        "plain (FedAvg update)": fedavg_release(model, x, y, lr=LR, seed=seed),
+        f"DP-SGD step (z={z:.3f}, C={c:g}; eps {eps:.2f} run)": dpsgd_release(
+            model, x, y, trainer, g
         ),
-        "DSSGD theta_u=0.1": (sparse_view(plain, 0.1), {}),
-        "DSSGD theta_u=0.01": (sparse_view(plain, 0.01), {}),
-        "DP-FedAvg (z=1, S=1)": (
-            clipped_noised_view(
-                plain, clipping_norm=1.0, noise_multiplier=1.0, generator=g
-            ),
-            {"clipping_norm": 1.0},
+        "DSSGD theta_u=0.1 largest": dssgd_release(
+            model, x, y, DSSGDSettings(0.1), lr=LR, seed=seed
         ),
-        "secure aggregation (sum of 10)": (summed_view([plain, *peers]), {}),
+        "DSSGD theta_u=0.01 largest": dssgd_release(
+            model, x, y, DSSGDSettings(0.01), lr=LR, seed=seed
+        ),
+        "DSSGD theta_u=0.1 random above tau=1e-4": dssgd_release(
+            model,
+            x,
+            y,
+            DSSGDSettings(0.1, selection="threshold", threshold=1e-4),
+            lr=LR,
+            seed=seed,
+        ),
+        "DSSGD theta_u=0.1 selective DP (eps/param 100)": dssgd_release(
+            model,
+            x,
+            y,
+            DSSGDSettings(
+                0.1, selection="threshold", threshold=1e-4, bound=0.01, dp=selective
+            ),
+            lr=LR,
+            seed=seed,
+        ),
+        "DP-FedAvg central, server's view (S=0.1)": dp_fedavg_client_release(
+            model, x, y, **dpfa
+        ),
+        "DP-FedAvg distributed share, 10 clients (z=1, S=0.1)": (
+            dp_fedavg_client_release(
+                model, x, y, placement="distributed", round_clients=10, **dpfa
+            )
+        ),
+        "DP-FedAvg model release (z=1, S=0.1)": dp_fedavg_model_release(
+            model, x, y, **dpfa
+        ),
+        "secure aggregation: masked input": secagg.masked_release(0),
+        "secure aggregation: sum of 10": secagg.sum_release(),
     }
 
 
 def gradient_inversion(
-    data: Any, sigma: float, out: Path, victims: int
+    data: Any, out: Path, victims: int, models: list[str], skip: set[str]
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for model_name in ("2nn", "tanh-cnn"):
+    dpsgd = run_dpsgd()
+    for model_name in models:
         torch.manual_seed(0)
         model = build_model(model_name)
+        size = flatten(dict(model.named_parameters())).numel()
         rows: dict[str, list[dict[str, float]]] = {}
         images: dict[str, list[torch.Tensor]] = {}
         for i in range(victims):
             x, y = data.train.x[i : i + 1], data.train.y[i : i + 1]
-            peers = slice(100 + 9 * i, 109 + 9 * i)
-            others = (data.train.x[peers], data.train.y[peers])
-            g = torch.Generator().manual_seed(i)
-            for name, (obs, mirror) in views(model, x, y, others, sigma, g).items():
+            lo = 100 + 9 * i
+            peers = [
+                (data.train.x[k : k + 1], data.train.y[k : k + 1])
+                for k in range(lo, lo + 9)
+            ]
+            for name, rel in releases(model, x, y, peers, dpsgd, i).items():
+                if any(s in name for s in skip):
+                    continue
                 start = time.perf_counter()
                 rec = invert_gradients(
                     model,
-                    obs,
+                    rel.observed,
                     input_shape=(1, 28, 28),
-                    config=attack_config(model_name, **mirror),
+                    config=attack_config(model_name, rel),
                     generator=torch.Generator().manual_seed(i),
                 )
                 row = {
@@ -162,7 +216,11 @@ def gradient_inversion(
                     "ssim": float(ssim(pixels(rec.x), pixels(x))),
                     "label_accuracy": label_accuracy(rec.labels, y),
                     "seconds": time.perf_counter() - start,
+                    "released_fraction": rel.observed.released_fraction(),
                 }
+                if rel.payload is not None and "DSSGD" in name:
+                    row["upload_entries"] = decode_sparse(rel.payload).count
+                    row["upload_bytes"] = len(rel.payload)
                 rows.setdefault(name, []).append(row)
                 images.setdefault(name, []).append(pixels(rec.x)[0, 0])
                 print(f"{model_name} victim {i} {name}: {row}", flush=True)
@@ -171,13 +229,15 @@ def gradient_inversion(
         ]
         title = f"iDLG reconstructions, {model_name}"
         _figure(images, out / f"inversion_{model_name}.png", title)
-        results[model_name] = {
+        results[model_name] = {"parameters": size} | {
             name: {
                 "psnr_mean": float(np.mean([r["psnr"] for r in rs])),
                 "psnr_min": float(np.min([r["psnr"] for r in rs])),
                 "ssim_mean": float(np.mean([r["ssim"] for r in rs])),
                 "label_accuracy": float(np.mean([r["label_accuracy"] for r in rs])),
                 "seconds_mean": float(np.mean([r["seconds"] for r in rs])),
+                "released_fraction": rs[0]["released_fraction"],
+                "upload_entries": rs[0].get("upload_entries"),
                 "victims": len(rs),
             }
             for name, rs in rows.items()
@@ -185,45 +245,84 @@ def gradient_inversion(
     return results
 
 
-def secure_aggregation(data: Any, victims: int, clients: int = 10) -> dict[str, Any]:
-    """Whom does an inversion of the summed round show? PSNR of the reconstruction
-    against the victim and against the best-matching participant of the round."""
+def analytic(data: Any, victims: int) -> dict[str, Any]:
+    """The first-layer attack (no search) on the 2NN against every release."""
+    dpsgd = run_dpsgd()
+    torch.manual_seed(0)
+    model = build_model("2nn")
+    rows: dict[str, list[dict[str, float]]] = {}
+    for i in range(victims):
+        x, y = data.train.x[i : i + 1], data.train.y[i : i + 1]
+        lo = 100 + 9 * i
+        peers = [
+            (data.train.x[k : k + 1], data.train.y[k : k + 1])
+            for k in range(lo, lo + 9)
+        ]
+        for name, rel in releases(model, x, y, peers, dpsgd, i).items():
+            rec = analytic_first_layer(model, rel.observed, (1, 28, 28), fill=LOW)
+            row = {
+                "psnr": float(psnr(pixels(rec), pixels(x))),
+                "ssim": float(ssim(pixels(rec), pixels(x))),
+            }
+            rows.setdefault(name, []).append(row)
+            print(f"analytic 2nn victim {i} {name}: {row}", flush=True)
+    return {
+        name: {
+            "psnr_mean": float(np.mean([r["psnr"] for r in rs])),
+            "psnr_min": float(np.min([r["psnr"] for r in rs])),
+            "ssim_mean": float(np.mean([r["ssim"] for r in rs])),
+            "victims": len(rs),
+        }
+        for name, rs in rows.items()
+    }
+
+
+def secure_aggregation(
+    data: Any, victims: int, models: list[str], clients: int = 10
+) -> dict[str, Any]:
+    """Whom does an inversion of the summed round show, and which labels does the
+    sum give away? PSNR of the reconstruction against every participant; the label
+    histogram estimated from the sum's last bias as ``n * mean softmax - n * b /
+    (-lr)`` with the mean softmax over 1000 public (test) images."""
     results: dict[str, Any] = {}
-    for model_name in ("2nn", "tanh-cnn"):
+    for model_name in models:
         torch.manual_seed(0)
         model = build_model(model_name)
+        with torch.no_grad():
+            public = torch.softmax(model(data.test.x[:1000]), -1).mean(0).double()
         rows = []
         for i in range(victims):
             idx = [i, *range(100 + 9 * i, 100 + 9 * i + clients - 1)]
             xs, ys = data.train.x[idx], data.train.y[idx]
-            ups = [
-                plain_view(model, xs[k : k + 1], ys[k : k + 1]) for k in idx_range(xs)
-            ]
+            batches = [(xs[k : k + 1], ys[k : k + 1]) for k in range(len(idx))]
+            run = secagg_round(model, batches, lr=LR, seed=i)
+            rel = run.sum_release()
             rec = invert_gradients(
                 model,
-                summed_view(ups),
+                rel.observed,
                 input_shape=(1, 28, 28),
-                config=attack_config(model_name),
+                config=attack_config(model_name, rel),
                 generator=torch.Generator().manual_seed(i),
             )
             scores = psnr(pixels(rec.x).expand_as(xs), pixels(xs))
             best = int(scores.argmax())
+            bias = list(rel.observed.grads.values())[-1].double()
+            n = len(idx)
+            # mean update = -lr/n * sum_k (p_k - onehot_k)
+            counts = torch.round(n * public + bias * n / LR).clamp(min=0)
+            truth = torch.bincount(ys, minlength=len(bias)).double()
             rows.append(
                 {
                     "psnr_victim": float(scores[0]),
                     "psnr_best_participant": float(scores[best]),
                     "best_is_victim": best == 0,
-                    "label": int(rec.labels[0]),
-                    "label_in_round": bool((ys == rec.labels[0]).any()),
+                    "label_histogram_exact": bool(torch.equal(counts, truth)),
+                    "label_histogram_l1_error": float((counts - truth).abs().sum()),
                 }
             )
             print(f"{model_name} secure aggregation, round {i}: {rows[-1]}", flush=True)
         results[model_name] = rows
     return results
-
-
-def idx_range(xs: torch.Tensor) -> range:
-    return range(len(xs))
 
 
 def _figure(images: dict[str, list[torch.Tensor]], path: Path, title: str) -> None:
@@ -368,12 +467,19 @@ def audits(trials: int) -> dict[str, Any]:
                 dpsgd_epsilon(sigma, q, steps, DELTA),
             )
         )
-    for z, q, rounds in ((1.0, 1.0, 1), (1.0, 0.5, 5)):
+    for z, q, rounds, placement in (
+        (1.0, 1.0, 1, "central"),
+        (1.0, 1.0, 1, "distributed"),
+        (1.0, 0.5, 5, "central"),
+    ):
         settings.append(
             (
-                f"DP-FedAvg (simulated) z={z}, q={q}, rounds={rounds}",
+                f"veil DPFedAvg ({placement}) z={z}, q={q}, rounds={rounds}",
                 dpfedavg_canary_release(
-                    noise_multiplier=z, sample_rate=q, rounds=rounds
+                    noise_multiplier=z,
+                    sample_rate=q,
+                    rounds=rounds,
+                    placement=placement,
                 ),
                 dpsgd_epsilon(z, q, rounds, DELTA),
             )
@@ -383,8 +489,15 @@ def audits(trials: int) -> dict[str, Any]:
     )
     settings.append(
         (
-            "broken: noise 10x below the claim (z=0.1 claimed as 1)",
+            "broken DP-SGD: noise 10x below the claim (z=0.1 claimed as 1)",
             dpsgd_canary_release(broken),
+            dpsgd_epsilon(1.0, 1.0, 1, DELTA),
+        )
+    )
+    settings.append(
+        (
+            "broken DPFedAvg: noise 10x below the claim (z=0.1 claimed as 1)",
+            dpfedavg_canary_release(noise_multiplier=0.1, sample_rate=1.0, rounds=1),
             dpsgd_epsilon(1.0, 1.0, 1, DELTA),
         )
     )
@@ -410,6 +523,9 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=500)
     parser.add_argument("--references", type=int, default=4)
     parser.add_argument("--trials", type=int, default=2000)
+    parser.add_argument("--models", default="2nn,tanh-cnn")
+    parser.add_argument("--skip", default="", help="views to leave out (substrings)")
+    parser.add_argument("--match", default="cosine", choices=["cosine", "euclidean"])
     parser.add_argument(
         "--only", default="inversion,secagg,membership,representation,audit"
     )
@@ -418,13 +534,12 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_mnist()
-    q = 512 / len(data.train)
-    sigma = calibrate_noise_multiplier(3.0, q, round(40 / q), DELTA)
-    print(f"mnist_dpsgd.toml noise multiplier for epsilon=3: {sigma:.4f}", flush=True)
+    models = args.models.split(",")
+    skip = {s for s in args.skip.split(",") if s}
+    MATCH[0] = args.match
 
     path = args.out / "attacks_mnist.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    results["dpsgd_noise_multiplier"] = sigma
     parts = args.only.split(",")
     if "inversion" in parts:
         mean = pixels(data.train.x[:10_000].mean(0, keepdim=True))
@@ -432,9 +547,13 @@ def main() -> None:
         results["mean_image_psnr"] = float(
             psnr(mean.expand_as(victims), victims).mean()
         )
-        results["inversion"] = gradient_inversion(data, sigma, args.out, args.victims)
+        found = gradient_inversion(data, args.out, args.victims, models, skip)
+        results.setdefault("inversion", {}).update(found)
+    if "analytic" in parts:
+        results["analytic_2nn"] = analytic(data, args.victims)
     if "secagg" in parts:
-        results["secure_aggregation"] = secure_aggregation(data, args.victims)
+        found = secure_aggregation(data, args.victims, models)
+        results.setdefault("secure_aggregation", {}).update(found)
     if "membership" in parts:
         results["membership"] = membership(data, args.members, args.references)
     if "representation" in parts:

@@ -102,16 +102,57 @@ def test_dpsgd_canary_statistic_moves_by_the_clipping_norm() -> None:
     assert release(True, g) == pytest.approx(math.sqrt(2) * 0.5 / 11, rel=1e-4)
 
 
-def test_dpfedavg_simulation_passes_and_a_broken_one_fails() -> None:
+def test_dpfedavg_canary_moves_the_model_by_s_over_q_n() -> None:
+    """Without noise, veil's DPFedAvg moves coordinate 0 by S / (q N) with the canary
+    (clipped from 10 S) and not at all without it."""
+    release = dpfedavg_canary_release(
+        noise_multiplier=0.0, sample_rate=1.0, rounds=1, clipping_norm=0.5
+    )
+    g = torch.Generator().manual_seed(0)
+    assert release(True, g) == pytest.approx(0.5 / 5, rel=1e-6)
+    assert release(False, g) == 0.0
+
+
+@pytest.mark.parametrize("placement", ["central", "distributed"])
+def test_veil_dpfedavg_passes_and_less_noise_fails(placement: str) -> None:
     claimed = dpsgd_epsilon(2.0, 1.0, 1, DELTA)
-    honest = dpfedavg_canary_release(noise_multiplier=2.0, sample_rate=1.0, rounds=1)
+    honest = dpfedavg_canary_release(
+        noise_multiplier=2.0, sample_rate=1.0, rounds=1, placement=placement
+    )
     assert audit_epsilon(
-        honest, claimed_epsilon=claimed, delta=DELTA, trials=500
+        honest, claimed_epsilon=claimed, delta=DELTA, trials=250
     ).passed
-    broken = dpfedavg_canary_release(noise_multiplier=0.2, sample_rate=1.0, rounds=1)
+    broken = dpfedavg_canary_release(
+        noise_multiplier=0.2, sample_rate=1.0, rounds=1, placement=placement
+    )
     assert not audit_epsilon(
-        broken, claimed_epsilon=claimed, delta=DELTA, trials=500
+        broken, claimed_epsilon=claimed, delta=DELTA, trials=250
     ).passed
+
+
+def test_audit_catches_noise_scaled_down_inside_veils_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in veil's noise (every draw a tenth of its standard deviation) makes
+    DP-FedAvg and DP-SGD fail their audits at the epsilon they still claim."""
+    from veil.privacy import GeneratorNoise
+
+    normal = GeneratorNoise.normal
+
+    def quiet(self: GeneratorNoise, shape: torch.Size, std: float, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+        return normal(self, shape, std / 10, dtype)
+
+    monkeypatch.setattr(GeneratorNoise, "normal", quiet)
+    warnings.simplefilter("ignore")
+    claimed = dpsgd_epsilon(2.0, 1.0, 1, DELTA)
+    fedavg = dpfedavg_canary_release(noise_multiplier=2.0, sample_rate=1.0, rounds=1)
+    result = audit_epsilon(fedavg, claimed_epsilon=claimed, delta=DELTA, trials=250)
+    with pytest.raises(PrivacyError, match="does not deliver its guarantee"):
+        result.check()
+    claimed = dpsgd_epsilon(2.0, 1.0, 2, DELTA)
+    dpsgd = dpsgd_canary_release(_trainer(2.0))
+    result = audit_epsilon(dpsgd, claimed_epsilon=claimed, delta=DELTA, trials=300)
+    assert not result.passed
 
 
 def test_audit_refuses_an_expected_batch_size_and_few_trials() -> None:

@@ -9,20 +9,19 @@ from torch import nn
 from veil.attacks import (
     InversionConfig,
     ObservedUpdate,
-    clipped_noised_view,
-    dpsgd_view,
+    dpsgd_release,
+    dssgd_release,
     infer_labels,
     invert_gradients,
     label_accuracy,
     plain_view,
     psnr,
-    sparse_view,
-    summed_view,
 )
 from veil.attacks.gradient_inversion import _release_model
 from veil.errors import VeilError
+from veil.learning.dssgd import DSSGDSettings
 from veil.models import build_model
-from veil.privacy import GeneratorNoise, noisy_gradient
+from veil.privacy import DPSGDTrainer, GeneratorNoise, noisy_gradient
 
 
 def small_mlp(bias: bool = True, classes: int = 10) -> nn.Module:
@@ -118,42 +117,38 @@ def test_attacker_mirror_equals_veils_dpsgd_without_noise() -> None:
 def test_dpsgd_noise_defeats_the_attack() -> None:
     model = small_mlp()
     x, y = _example(5, 3)
-    observed = dpsgd_view(
-        model,
-        x,
-        y,
-        clipping_norm=1.0,
-        noise_multiplier=1.0,
-        expected_batch_size=1.0,
-        generator=torch.Generator().manual_seed(0),
+    trainer = DPSGDTrainer(
+        lr=0.1, clipping_norm=1.0, noise_multiplier=1.0, sample_rate=1.0
     )
-    config = InversionConfig(iterations=30, input_bounds=(0.0, 1.0), clipping_norm=1.0)
-    rec = invert_gradients(model, observed, input_shape=(1, 8, 8), config=config)
+    release = dpsgd_release(model, x, y, trainer, torch.Generator().manual_seed(0))
+    config = release.attack(match="cosine", iterations=30, input_bounds=(0.0, 1.0))
+    rec = invert_gradients(
+        model, release.observed, input_shape=(1, 8, 8), config=config
+    )
     assert psnr(rec.x, x).item() < 15
 
 
-def test_sparse_view_keeps_the_largest_fraction() -> None:
+def test_labels_are_read_from_an_sgd_step_whatever_its_sign() -> None:
+    """An SGD delta is minus the gradient: the label is where the bias rose."""
     model = small_mlp()
-    plain = plain_view(model, *_example(1, 2))
-    sparse = sparse_view(plain, 0.1)
-    total = sum(g.numel() for g in plain.grads.values())
-    assert sparse.released_fraction() == pytest.approx(int(0.1 * total) / total)
-    kept = torch.cat([g[sparse.known[n]].abs() for n, g in plain.grads.items()])
-    dropped = torch.cat([g[~sparse.known[n]].abs() for n, g in plain.grads.items()])
-    assert kept.min() >= dropped.max()
-    assert all((sparse.grads[n][~m] == 0).all() for n, m in sparse.known.items())
+    x, y = _example(2, 6)
+    delta = ObservedUpdate(
+        {n: -0.1 * g for n, g in plain_view(model, x, y).grads.items()}
+    )
+    assert infer_labels(model, delta, 1, gradient_scale=-0.1).tolist() == [6]
 
 
 def test_matching_ignores_unreleased_coordinates() -> None:
     """Garbage in the unreleased coordinates does not change the reconstruction."""
     model = small_mlp()
     x, y = _example(3, 1)
-    sparse = sparse_view(plain_view(model, x, y), 0.5)
+    sparse = dssgd_release(model, x, y, DSSGDSettings(0.5), lr=0.1).observed
+    assert sparse.known is not None
     garbage = {
         n: torch.where(sparse.known[n], g, torch.full_like(g, 7.0))
         for n, g in sparse.grads.items()
     }
-    config = InversionConfig(iterations=3)
+    config = InversionConfig(iterations=3, gradient_scale=-0.1)
     a = invert_gradients(model, sparse, input_shape=(1, 8, 8), config=config)
     b = invert_gradients(
         model,
@@ -164,27 +159,9 @@ def test_matching_ignores_unreleased_coordinates() -> None:
     assert torch.equal(a.x, b.x)
 
 
-def test_clipped_and_summed_views() -> None:
-    model = small_mlp()
-    ups = [plain_view(model, *_example(s, s)) for s in range(3)]
-    total = summed_view(ups)
-    for n in total.grads:
-        assert torch.allclose(total.grads[n], sum(u.grads[n] for u in ups))
-    clipped = clipped_noised_view(
-        ups[0],
-        clipping_norm=1e-3,
-        noise_multiplier=0.0,
-        generator=torch.Generator(),
-    )
-    norm = torch.sqrt(sum((g**2).sum() for g in clipped.grads.values()))
-    assert norm.item() == pytest.approx(1e-3, rel=1e-4)
-
-
 def test_bad_inputs_are_refused() -> None:
     with pytest.raises(VeilError, match="match must be one of"):
         InversionConfig(match="l1")  # type: ignore[arg-type]
-    with pytest.raises(VeilError, match="fraction"):
-        sparse_view(ObservedUpdate({"a": torch.ones(2)}), 0.0)
     with pytest.raises(VeilError, match="known"):
         ObservedUpdate({"a": torch.ones(2)}, {"a": torch.ones(3, dtype=torch.bool)})
     model = small_mlp()
@@ -192,3 +169,23 @@ def test_bad_inputs_are_refused() -> None:
         invert_gradients(
             model, ObservedUpdate({"nope": torch.ones(1)}), input_shape=(1, 8, 8)
         )
+
+
+def test_analytic_first_layer_reads_the_input_off_a_dssgd_upload() -> None:
+    """Row j of the first layer's weight gradient is x times the bias gradient j:
+    the input comes back exactly from the full update and from a sparse upload."""
+    from veil.attacks import analytic_first_layer, fedavg_release
+
+    model = small_mlp()
+    x, y = _example(8, 5)
+    full = fedavg_release(model, x, y, lr=0.1).observed
+    assert psnr(analytic_first_layer(model, full, (1, 8, 8)), x).item() > 80
+    sparse = dssgd_release(model, x, y, DSSGDSettings(0.3), lr=0.1).observed
+    rec = analytic_first_layer(model, sparse, (1, 8, 8), fill=-1.0)
+    read = rec != -1.0
+    # The largest coordinates are those of the brightest pixels: read exactly.
+    assert read.float().mean() > 0.5
+    assert torch.allclose(rec[read], x[read], atol=1e-4)
+    assert x[read].min() >= x[~read].max()
+    with pytest.raises(VeilError, match=r"nn\.Linear of 10 inputs"):
+        analytic_first_layer(model, full, (1, 10))

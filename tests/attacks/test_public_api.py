@@ -11,6 +11,7 @@ MODULES = [
     "veil.attacks.gradient_inversion",
     "veil.attacks.membership",
     "veil.attacks.metrics",
+    "veil.attacks.releases",
     "veil.attacks.representation",
     "veil.attacks.run",
     "veil.attacks.views",

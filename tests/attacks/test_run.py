@@ -127,3 +127,43 @@ def test_cli_attack_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 def test_settings_are_validated() -> None:
     with pytest.raises(ConfigError, match="victims and references must be >= 0"):
         AttackSettings(victims=-1)
+
+
+def test_veil_attack_targets_the_runs_own_modules() -> None:
+    """A run of DSSGD, secure FedAvg and DP-FedAvg is attacked through each
+    module's release at the run's settings."""
+    from veil.attacks.run import _defences
+    from veil.learning.dssgd import decode_sparse, upload_count
+    from veil.models import build_model
+
+    config = parse_config(
+        tomllib.loads(
+            """
+name = "modules"
+methods = ["fedavg", "dssgd", "dp-fedavg"]
+[model]
+name = "2nn"
+[fedavg]
+secure_aggregation = true
+[dssgd]
+upload_fraction = [0.1, 0.01]
+[dp_fedavg]
+noise_multiplier = 1.0
+clipping_norm = 0.5
+"""
+        )
+    )
+    privacy = {"dp-fedavg": {"noise_multiplier": [1.0]}}
+    views = _defences(config, privacy)
+    torch.manual_seed(0)
+    model = build_model("2nn")
+    x, y = torch.rand(1, 1, 28, 28), torch.tensor([3])
+    size = sum(p.numel() for p in model.parameters())
+    for u in (0.1, 0.01):
+        release = views[f"DSSGD upload (theta_u={u:g}, largest)"](model, x, y, 0)
+        assert release.payload is not None
+        assert decode_sparse(release.payload).count == upload_count(u, size)
+    names = set(views)
+    assert "secure aggregation: masked input" in names
+    assert any(n.startswith("DP-FedAvg model release") for n in names)
+    assert "DP-FedAvg server's view (central)" in names

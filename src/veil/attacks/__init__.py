@@ -4,9 +4,10 @@ Nothing in veil's core imports this package; it reads models and released tensor
 way an adversary would.
 
 - Gradient inversion (:mod:`~veil.attacks.gradient_inversion`, views in
-  :mod:`~veil.attacks.views`): DLG and iDLG against one client's upload, plain or
-  through DP-SGD, a sparse DSSGD upload, a DP-FedAvg contribution or a secure
-  aggregation sum.
+  :mod:`~veil.attacks.views`): DLG and iDLG against one client's upload as veil's
+  own modules release it (:mod:`~veil.attacks.releases`): a FedAvg update, a DP-SGD
+  step, a sparse DSSGD upload, a DP-FedAvg result, a secure aggregation message or
+  sum.
 - Membership inference (:mod:`~veil.attacks.membership`): loss threshold and
   difficulty-calibrated scores, with the bounds the model's epsilon implies.
 - Representation inversion (:mod:`~veil.attacks.representation`): a decoder from
@@ -29,6 +30,7 @@ from veil.attacks.audit import (
 from veil.attacks.gradient_inversion import (
     InversionConfig,
     Reconstruction,
+    analytic_first_layer,
     infer_labels,
     invert_gradients,
     last_linear,
@@ -51,6 +53,16 @@ from veil.attacks.metrics import (
     roc_curve,
     ssim,
 )
+from veil.attacks.releases import (
+    ClientRelease,
+    SecAggRound,
+    dp_fedavg_client_release,
+    dp_fedavg_model_release,
+    dpsgd_release,
+    dssgd_release,
+    fedavg_release,
+    secagg_round,
+)
 from veil.attacks.representation import (
     Device,
     Perturbation,
@@ -59,17 +71,11 @@ from veil.attacks.representation import (
     mlp_decoder,
     train_decoder,
 )
-from veil.attacks.views import (
-    ObservedUpdate,
-    clipped_noised_view,
-    dpsgd_view,
-    plain_view,
-    sparse_view,
-    summed_view,
-)
+from veil.attacks.views import ObservedUpdate, plain_view
 
 __all__ = [
     "AuditResult",
+    "ClientRelease",
     "Device",
     "InversionConfig",
     "MembershipMetrics",
@@ -78,16 +84,21 @@ __all__ = [
     "Perturbation",
     "Reconstruction",
     "Release",
+    "SecAggRound",
+    "analytic_first_layer",
     "audit_epsilon",
     "calibrated_scores",
-    "clipped_noised_view",
     "clopper_pearson_upper",
     "dp_advantage_bound",
+    "dp_fedavg_client_release",
+    "dp_fedavg_model_release",
     "dp_tpr_bound",
     "dpfedavg_canary_release",
     "dpsgd_canary_release",
-    "dpsgd_view",
+    "dpsgd_release",
+    "dssgd_release",
     "epsilon_from_rates",
+    "fedavg_release",
     "infer_labels",
     "invert_gradients",
     "invert_representations",
@@ -103,8 +114,7 @@ __all__ = [
     "plain_view",
     "psnr",
     "roc_curve",
-    "sparse_view",
+    "secagg_round",
     "ssim",
-    "summed_view",
     "train_decoder",
 ]

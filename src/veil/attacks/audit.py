@@ -24,8 +24,8 @@ Canary releases provided:
   tiny linear model whose data leaves one weight column to the canary (a worst-case
   "gradient canary": its clipped gradient always has the full clipping norm and no
   other example touches that direction);
-- :func:`dpfedavg_canary_release`: DP-FedAvg written from its definition (sample
-  clients with rate q, clip each update to S, add N(0, (z S)^2) to the sum), with a
+- :func:`dpfedavg_canary_release`: veil's :class:`~veil.learning.DPFedAvg` itself
+  (its sampling, clipping, noise and aggregation, central or distributed), with a
   canary client whose update has norm S in a direction no other client uses.
 """
 
@@ -42,6 +42,7 @@ from scipy import stats
 from torch import nn
 
 from veil.errors import PrivacyError, VeilError
+from veil.learning.local import TrainStats
 from veil.privacy import DPSGDTrainer
 
 __all__ = [
@@ -258,23 +259,54 @@ def dpsgd_canary_release(
     return release
 
 
+class _Vector(nn.Module):
+    """A "model" that is one parameter vector ``w``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim))
+
+
+@dataclass(frozen=True)
+class _AddData:
+    """A local trainer whose update is the sum of the client's data rows: each
+    client's update is exactly the vector it holds."""
+
+    def train(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+    ) -> TrainStats:
+        w = next(model.parameters())
+        with torch.no_grad():
+            w.add_(x.sum(0).to(w.dtype))
+        return TrainStats(0.0, 1, len(y))
+
+
 def dpfedavg_canary_release(
     *,
     noise_multiplier: float,
     sample_rate: float,
     rounds: int,
     clipping_norm: float = 1.0,
-    num_clients: int = 20,
+    num_clients: int = 5,
     dim: int = 8,
+    placement: str = "central",
 ) -> Release:
-    """DP-FedAvg (McMahan et al. 2018) from its definition, with a canary client.
+    """Rounds of veil's :class:`~veil.learning.DPFedAvg` with a canary client.
 
-    Each round every client takes part with probability ``sample_rate``; each update
-    is clipped to L2 norm ``clipping_norm`` (S); the server adds N(0, (z S)^2) to the
-    sum and divides by ``sample_rate * num_clients`` (the expected number of
-    clients). Other clients' updates are random and never touch coordinate 0; the
-    canary client's update is ``10 S e_0``. The statistic is coordinate 0 of the
-    final global model (started at zero). Its accountant epsilon is DP-SGD's with
+    Every run builds a fresh ``DPFedAvg`` (seeded from the run's generator) over
+    ``num_clients`` clients and runs ``rounds`` rounds of its own
+    ``configure_round`` (Poisson sampling at ``sample_rate``), ``client_fit``
+    (clipping to ``clipping_norm``; under ``distributed`` placement each client adds
+    its noise share) and ``aggregate`` (noise, division by ``q N``). The model is
+    one vector started at zero, and each client's update is a fixed vector: the
+    others' are random with coordinate 0 zero; the canary client's is ``10 S e_0``
+    when present and zero when absent (a zero update adds nothing to the sum, so
+    absence is removal while the population size stays public). The statistic is
+    coordinate 0 of the final global model. Its accountant epsilon is DP-SGD's with
     the same noise multiplier, sample rate and rounds, at the client level.
     """
     if not (noise_multiplier >= 0 and 0 < sample_rate <= 1 and rounds >= 1):
@@ -282,25 +314,42 @@ def dpfedavg_canary_release(
             "noise_multiplier must be >= 0, sample_rate in (0, 1], rounds >= 1; got "
             f"{noise_multiplier}, {sample_rate}, {rounds}"
         )
-    s = clipping_norm
+    if num_clients < 2:
+        raise VeilError(f"num_clients must be >= 2, got {num_clients}")
+    from veil.learning import DPFedAvg
+    from veil.privacy import PrivacyLedger
 
-    def clip(u: torch.Tensor) -> torch.Tensor:
-        return u * torch.clamp(s / (u.norm(dim=-1, keepdim=True) + 1e-12), max=1.0)
+    g = torch.Generator().manual_seed(0)
+    others = torch.randn(num_clients, dim, generator=g)
+    others[:, 0] = 0.0
+    canary = torch.zeros(dim)
+    canary[0] = 10 * clipping_norm
+    model = _Vector(dim)
 
     def release(present: bool, generator: torch.Generator) -> float:
-        model = torch.zeros(dim, dtype=torch.float64)
-        for _ in range(rounds):
-            updates = torch.randn(num_clients, dim, generator=generator).double()
-            updates[:, 0] = 0.0
-            if present:
-                updates[0] = 0.0
-                updates[0, 0] = 10 * s
-            chosen = torch.rand(num_clients, generator=generator) < sample_rate
-            total = clip(updates)[chosen].sum(0)
-            noise = torch.randn(dim, generator=generator, dtype=torch.float64)
-            model += (total + noise_multiplier * s * noise) / (
-                sample_rate * num_clients
-            )
-        return float(model[0])
+        data = others.clone()
+        data[0] = canary if present else 0.0
+        algorithm = DPFedAvg(
+            global_state={"w": torch.zeros(dim)},
+            num_clients=num_clients,
+            sample_rate=sample_rate,
+            clipping_norm=clipping_norm,
+            noise_multiplier=noise_multiplier,
+            trainer=_AddData(),
+            ledger=PrivacyLedger(),
+            placement=placement,
+            seed=int(torch.randint(2**62, (), generator=generator)),
+        )
+        for rnd in range(1, rounds + 1):
+            tasks = algorithm.configure_round(rnd)
+            results = [
+                algorithm.client_fit(t, model, data[t.client_id : t.client_id + 1], _Y)
+                for t in tasks
+            ]
+            algorithm.aggregate(rnd, results)
+        return float(algorithm.global_state["w"][0])
 
     return release
+
+
+_Y = torch.zeros(1, dtype=torch.long)

@@ -18,6 +18,11 @@ model of the release to be exact: same loss, same reduction, same scale) or
 Only released coordinates are compared (a sparse DSSGD upload hides the rest).
 An attacker facing DP-SGD mirrors its per-example clipping with ``clipping_norm``.
 
+:func:`analytic_first_layer` needs no search: for one example through a first fully
+connected layer with bias, row ``j`` of the weight gradient is the input times the
+bias gradient ``j`` (Phong et al. 2017 showed it against distributed selective SGD),
+so the input is read off any row whose weight and bias coordinates were released.
+
 Refused: ``idlg`` with more examples than classes (labels then repeat and cannot be
 read from the gradient; use ``dlg``, which optimises them).
 """
@@ -39,6 +44,7 @@ from veil.errors import VeilError
 __all__ = [
     "InversionConfig",
     "Reconstruction",
+    "analytic_first_layer",
     "infer_labels",
     "invert_gradients",
     "last_linear",
@@ -140,13 +146,18 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 def infer_labels(
-    model: nn.Module, observed: ObservedUpdate, batch_size: int
+    model: nn.Module,
+    observed: ObservedUpdate,
+    batch_size: int,
+    gradient_scale: float = 1.0,
 ) -> torch.Tensor:
     """The victim's labels read from the last linear layer's gradient (iDLG).
 
     Uses the bias gradient when released, else the weight gradient's row norms (the
     true class's row is the largest for one example, since ``|p_y - 1|`` equals the
     sum of the other classes' probabilities). Unreleased coordinates count as zero.
+    ``gradient_scale`` is the release's scale (see :class:`InversionConfig`); only
+    its sign matters here (an SGD delta is ``-lr`` times the gradient).
 
     Raises:
         VeilError: ``batch_size`` exceeds the number of classes, or the layer is
@@ -162,7 +173,7 @@ def infer_labels(
         )
     bias, weight = f"{prefix}.bias", f"{prefix}.weight"
     if layer.bias is not None and bias in observed.grads:
-        score = observed.grads[bias].double()
+        score = observed.grads[bias].double() * (1.0 if gradient_scale >= 0 else -1.0)
     elif weight in observed.grads:
         score = -observed.grads[weight].double().norm(dim=1)
     else:
@@ -266,14 +277,20 @@ def _one_start(
         loss.backward()
         return float(loss.detach())
 
+    last = x.detach().clone()
     for _ in range(config.iterations):
         opt.step(closure)
         if config.input_bounds is not None:
             with torch.no_grad():
                 x.clamp_(*config.input_bounds)
         if not torch.isfinite(x).all():
+            # The search diverged: answer with the last finite inputs.
+            with torch.no_grad():
+                x.copy_(last)
             break
-    final = objective().item() if torch.isfinite(x).all() else float("inf")
+        last = x.detach().clone()
+    final = objective().item()
+    final = final if torch.isfinite(torch.tensor(final)) else float("inf")
     found = labels if labels is not None else soft.detach().argmax(-1)
     return Reconstruction(x.detach(), found, final)
 
@@ -317,7 +334,7 @@ def invert_gradients(
         num_classes = model(torch.zeros(1, *input_shape)).shape[-1]
     labels = None
     if config.method == "idlg":
-        labels = infer_labels(model, observed, batch_size)
+        labels = infer_labels(model, observed, batch_size, config.gradient_scale)
     best: Reconstruction | None = None
     for start in range(config.restarts):
         found = _one_start(
@@ -328,3 +345,63 @@ def invert_gradients(
             best = found
     assert best is not None
     return best
+
+
+def analytic_first_layer(
+    model: nn.Module,
+    observed: ObservedUpdate,
+    input_shape: tuple[int, ...],
+    fill: float = 0.0,
+) -> torch.Tensor:
+    """One example's input read off the first linear layer's released gradient.
+
+    For one example, ``dL/dW[j, i] = dL/db[j] * x[i]``: each input coordinate is the
+    ratio of a released weight coordinate to its row's released bias coordinate (the
+    row with the largest ``|dL/db[j]|`` among those released is used; the ratio is
+    blind to the release's scale and sign). Coordinates released in no usable row
+    are set to ``fill``.
+
+    Args:
+        model: the global model; its first ``nn.Linear`` must take the flattened
+            input (``prod(input_shape)`` features) and have a bias.
+        observed: one example's release.
+        input_shape: shape of one input, e.g. ``(1, 28, 28)``.
+        fill: value of the coordinates that cannot be read; default 0.
+
+    Returns:
+        The input, shape ``(1, *input_shape)``.
+    """
+    features = 1
+    for d in input_shape:
+        features *= d
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.in_features == features
+    ]
+    if not found or found[0][1].bias is None:
+        raise VeilError(
+            f"the model must start with an nn.Linear of {features} inputs and a "
+            "bias for the analytic attack; use invert_gradients"
+        )
+    prefix = found[0][0]
+    weight, bias = (
+        observed.grads.get(f"{prefix}.weight"),
+        observed.grads.get(f"{prefix}.bias"),
+    )
+    if weight is None or bias is None:
+        raise VeilError(
+            f"the observed update must hold {prefix}.weight and {prefix}.bias"
+        )
+    known_w = torch.ones_like(weight, dtype=torch.bool)
+    known_b = torch.ones_like(bias, dtype=torch.bool)
+    if observed.known is not None:
+        known_w = observed.known[f"{prefix}.weight"]
+        known_b = observed.known[f"{prefix}.bias"]
+    usable = known_w & (known_b & (bias != 0))[:, None]
+    strength = torch.where(usable, bias.abs()[:, None], torch.zeros(()))
+    row = strength.argmax(0)  # per input coordinate, the strongest usable row
+    cols = torch.arange(features)
+    x = weight[row, cols].double() / bias[row].double()
+    x = torch.where(usable[row, cols], x, torch.full_like(x, fill))
+    return x.float().reshape(1, *input_shape)

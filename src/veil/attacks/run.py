@@ -5,10 +5,14 @@ writes ``RUN_DIR/attacks/attacks.json`` (format :data:`ATTACKS_FORMAT`) and PNG
 figures; the run's report then shows them in an *Attacks* section
 (:mod:`veil.experiment._attacks`). Two attacks:
 
-- gradient inversion (iDLG) against the first examples of client 0, one at a time,
-  as its first-round upload (the run's initial weights): undefended, and, when the
-  run used DP-SGD, through one DP-SGD step at the run's noise multiplier and
-  clipping norm (batch of one, the worst case for the client);
+- gradient inversion (iDLG, cosine match) against the first examples of client 0,
+  one at a time, as its first-round upload (the run's initial weights), produced by
+  veil's own code (:mod:`veil.attacks.releases`): a FedAvg client's one-step update
+  and, when the run used DP-SGD, one :class:`~veil.privacy.DPSGDTrainer` step at the
+  run's noise multiplier and clipping norm; a DSSGD upload per θu of the run; a
+  secure aggregation masked input (a round of two); DP-FedAvg's model release and,
+  without secure aggregation, what its server receives (batch of one, the worst
+  case for the client);
 - membership inference against every final model in ``models/``: loss threshold,
   and, with ``references >= 1``, difficulty calibration with reference models
   trained on half of the test set. Members are training examples, non-members test
@@ -21,6 +25,7 @@ import json
 import logging
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from veil._seeding import Stream, numpy_rng
-from veil.attacks.gradient_inversion import InversionConfig, invert_gradients
+from veil.attacks.gradient_inversion import invert_gradients
 from veil.attacks.membership import (
     calibrated_scores,
     loss_threshold_scores,
@@ -42,15 +47,26 @@ from veil.attacks.membership import (
     per_example_losses,
 )
 from veil.attacks.metrics import label_accuracy, psnr, ssim
-from veil.attacks.views import ObservedUpdate, dpsgd_view, plain_view
+from veil.attacks.releases import (
+    ClientRelease,
+    dp_fedavg_client_release,
+    dp_fedavg_model_release,
+    dpsgd_release,
+    dssgd_release,
+    fedavg_release,
+    secagg_round,
+)
 from veil.data import FederatedDataset, load_dataset, partition
 from veil.errors import ConfigError
 from veil.experiment._attacks import ATTACKS_FORMAT
 from veil.experiment._dp import read_privacy
+from veil.experiment._dssgd import settings_from_config
 from veil.experiment.config import ExperimentConfig, parse_config
 from veil.experiment.runner import initial_state
 from veil.learning import SGDTrainer
+from veil.learning.dssgd import DSSGDSettings
 from veil.models import build_model
+from veil.privacy import DPSGDTrainer
 
 __all__ = ["ATTACKS_FORMAT", "AttackSettings", "attack_run"]
 
@@ -149,18 +165,18 @@ def _inversion(
     shown: dict[str, list[torch.Tensor]] = {name: [] for name in defences}
     for i, index in enumerate(victims.tolist()):
         x, y = train.x[index : index + 1], train.y[index : index + 1]
-        for name, clipping_norm in defences.items():
-            observed = _observe(model, x, y, name, clipping_norm, privacy, i)
-            attack = InversionConfig(
+        for name, release_of in defences.items():
+            release = release_of(model, x, y, i)
+            attack = release.attack(
+                match="cosine",
                 iterations=settings.iterations,
                 restarts=settings.restarts,
                 tv_weight=0.01 if image else 0.0,
                 input_bounds=(low, high),
-                clipping_norm=clipping_norm,
             )
             rec = invert_gradients(
                 model,
-                observed,
+                release.observed,
                 input_shape=tuple(x.shape[1:]),
                 config=attack,
                 generator=torch.Generator().manual_seed(settings.seed + i),
@@ -189,47 +205,106 @@ def _inversion(
     }
 
 
+#: One defence's release of a victim's batch: ``(model, x, y, victim index)``.
+ReleaseOf = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], ClientRelease]
+
+
 def _defences(
     config: ExperimentConfig, privacy: dict[str, dict[str, Any]]
-) -> dict[str, float | None]:
-    """The views to attack, by name, with the clipping norm the attacker mirrors."""
-    views: dict[str, float | None] = {"undefended": None}
+) -> dict[str, ReleaseOf]:
+    """The releases to attack, by name, each produced by veil's own module: a
+    FedAvg client's one-step update at the run's local learning rate and, when the
+    run used DP-SGD, one step of :class:`~veil.privacy.DPSGDTrainer` at the run's
+    noise multiplier and clipping norm."""
+    lr = config.local.lr
+    views: dict[str, ReleaseOf] = {
+        "undefended": lambda m, x, y, i: fedavg_release(m, x, y, lr=lr)
+    }
+    views.update(_module_defences(config, privacy))
     z = _noise_multiplier(privacy)
     if z is not None and config.dp is not None:
+        trainer = DPSGDTrainer(
+            lr=lr,
+            clipping_norm=config.dp.clipping_norm,
+            noise_multiplier=z,
+            sample_rate=1.0,
+        )
         views[f"DP-SGD step (z={z:.3g}, C={config.dp.clipping_norm:g})"] = (
-            config.dp.clipping_norm
+            lambda m, x, y, i: dpsgd_release(
+                m, x, y, trainer, torch.Generator().manual_seed(10_000 + i)
+            )
         )
     return views
+
+
+def _module_defences(
+    config: ExperimentConfig, privacy: dict[str, dict[str, Any]]
+) -> dict[str, ReleaseOf]:
+    """The releases of the run's DSSGD, DP-FedAvg and secure aggregation, each by
+    its own module, at the run's settings (a client's first turn on one example)."""
+    lr = config.local.lr
+    views: dict[str, ReleaseOf] = {}
+    if "dssgd" in config.methods:
+        for u in config.dssgd.upload_fractions:
+            settings = settings_from_config(config.dssgd, u)
+            name = f"DSSGD upload (theta_u={u:g}, {settings.selection})"
+            views[name] = _dssgd_view(settings, lr)
+    if "fedavg" in config.methods and config.fedavg.secure_aggregation:
+        views["secure aggregation: masked input"] = lambda m, x, y, i: secagg_round(
+            m, [(x, y), (x, (y + 1) % _classes(m, x))], lr=lr, secagg=config.secagg
+        ).masked_release(0)
+    dp = config.dp_fedavg
+    ledger = privacy.get("dp-fedavg", {}).get("noise_multiplier", [])
+    if "dp-fedavg" in config.methods and dp is not None and ledger:
+        # A fixed-size round is recorded with z / 2 (replace-one; see DPFedAvg).
+        z = float(ledger[0]) * (2.0 if dp.sampling == "fixed" else 1.0)
+        where = "distributed" if dp.placement == "distributed" else "central"
+        views[f"DP-FedAvg model release (z={z:.3g}, S={dp.clipping_norm:g})"] = (
+            lambda m, x, y, i: dp_fedavg_model_release(
+                m,
+                x,
+                y,
+                lr=lr,
+                clipping_norm=dp.clipping_norm,
+                noise_multiplier=z,
+                placement=where,
+                seed=i,
+            )
+        )
+        if not dp.secure_aggregation:
+            views[f"DP-FedAvg server's view ({where})"] = lambda m, x, y, i: (
+                dp_fedavg_client_release(
+                    m,
+                    x,
+                    y,
+                    lr=lr,
+                    clipping_norm=dp.clipping_norm,
+                    noise_multiplier=z,
+                    placement=where,
+                    seed=i,
+                )
+            )
+    return views
+
+
+def _dssgd_view(settings: DSSGDSettings, lr: float) -> ReleaseOf:
+    def release(
+        m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, i: int
+    ) -> ClientRelease:
+        return dssgd_release(m, x, y, settings, lr=lr, seed=i)
+
+    return release
+
+
+def _classes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x).shape[-1])
 
 
 def _noise_multiplier(privacy: dict[str, dict[str, Any]]) -> float | None:
     """The smallest Gaussian noise multiplier any of the run's ledgers used."""
     values = [z for p in privacy.values() for z in p.get("noise_multiplier", [])]
     return min(values) if values else None
-
-
-def _observe(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    name: str,
-    clipping_norm: float | None,
-    privacy: dict[str, dict[str, Any]],
-    i: int,
-) -> ObservedUpdate:
-    if clipping_norm is None:
-        return plain_view(model, x, y)
-    z = _noise_multiplier(privacy)
-    assert z is not None
-    return dpsgd_view(
-        model,
-        x,
-        y,
-        clipping_norm=clipping_norm,
-        noise_multiplier=z,
-        expected_batch_size=1.0,
-        generator=torch.Generator().manual_seed(10_000 + i),
-    )
 
 
 def _mean_rows(rows: list[dict[str, float | None]]) -> dict[str, float | None]:

@@ -1,47 +1,25 @@
 """What an attacker sees of one client's training: the observed update.
 
 Gradient inversion (:mod:`veil.attacks.gradient_inversion`) works on an
-:class:`ObservedUpdate`: tensors by parameter name, in gradient units, plus, for a
-partial upload, a mask of the coordinates that were actually released. The functions
-here build that view for each place an update can be seen in veil's data flow:
-
-- :func:`plain_view`: the gradient of the victim's loss on its batch (a FedAvg update
-  after one local SGD step is ``-lr`` times this);
-- :func:`dpsgd_view`: one DP-SGD step's noisy mean gradient, computed by
-  :func:`veil.privacy.noisy_gradient` itself;
-- :func:`sparse_view`: a distributed selective SGD upload (Shokri and Shmatikov 2015):
-  only the fraction ``theta_u`` of coordinates with the largest magnitude is sent;
-- :func:`clipped_noised_view`: a DP-FedAvg contribution (McMahan et al. 2018): the
-  update clipped to L2 norm ``S`` plus Gaussian noise of standard deviation ``z * S``;
-- :func:`summed_view`: what the server learns under secure aggregation: only the sum
-  of the round's updates.
-
-The last three are written from the mechanisms' definitions, so that attacks can be
-measured before (and independently of) veil's own DSSGD, DP-FedAvg and secure
-aggregation code; feed the real released tensors through :class:`ObservedUpdate` once
-those exist.
+:class:`ObservedUpdate`: tensors by parameter name, plus, for a partial upload, a mask
+of the coordinates that were actually released. :func:`plain_view` is the gradient
+of the victim's loss on its batch (the textbook target of DLG). What veil's modules
+release (a FedAvg update, a DP-SGD step, a DSSGD upload, a DP-FedAvg result, a secure
+aggregation message) is produced by those modules themselves and decoded into an
+:class:`ObservedUpdate` by :mod:`veil.attacks.releases`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from veil.errors import VeilError
-from veil.privacy import GeneratorNoise, noisy_gradient
 
-__all__ = [
-    "ObservedUpdate",
-    "clipped_noised_view",
-    "dpsgd_view",
-    "plain_view",
-    "sparse_view",
-    "summed_view",
-]
+__all__ = ["ObservedUpdate", "plain_view"]
 
 Tensors = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -112,106 +90,3 @@ def plain_view(
     loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, list(params.values()))
     return ObservedUpdate({n: g.detach() for n, g in zip(params, grads, strict=True)})
-
-
-def dpsgd_view(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    clipping_norm: float,
-    noise_multiplier: float,
-    expected_batch_size: float,
-    generator: torch.Generator,
-) -> ObservedUpdate:
-    """One DP-SGD step's release on the victim's batch, from veil's own code.
-
-    The clipped, summed, noised gradient divided by ``expected_batch_size``
-    (:func:`veil.privacy.noisy_gradient`); an attacker mirroring it uses
-    ``gradient_scale = 1 / expected_batch_size`` and the same ``clipping_norm``.
-    """
-    result = noisy_gradient(
-        model,
-        x,
-        y,
-        clipping_norm=clipping_norm,
-        noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size,
-        noise=GeneratorNoise(generator),
-    )
-    return ObservedUpdate({n: g.detach() for n, g in result.grads.items()})
-
-
-def sparse_view(update: ObservedUpdate, fraction: float) -> ObservedUpdate:
-    """A DSSGD upload: the ``fraction`` (theta_u) of coordinates largest in magnitude.
-
-    Selection is over all tensors together, as in Shokri and Shmatikov (2015)'s
-    "largest values" criterion; at least one coordinate is sent. The attacker learns
-    the selected values and their positions; the rest are unknown (zero in ``grads``).
-    """
-    if not 0 < fraction <= 1:
-        raise VeilError(f"fraction (theta_u) must be in (0, 1], got {fraction}")
-    names = list(update.grads)
-    flat = torch.cat([update.grads[n].flatten() for n in names])
-    k = max(1, math.floor(fraction * flat.numel()))
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.topk(flat.abs(), k).indices] = True
-    grads, known, start = {}, {}, 0
-    for n in names:
-        size = update.grads[n].numel()
-        mask = chosen[start : start + size].reshape(update.grads[n].shape)
-        grads[n] = torch.where(mask, update.grads[n], torch.zeros(()))
-        known[n] = mask
-        start += size
-    return ObservedUpdate(grads, known)
-
-
-def _global_norm(tensors: Tensors) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
-
-
-def clipped_noised_view(
-    update: ObservedUpdate,
-    *,
-    clipping_norm: float,
-    noise_multiplier: float,
-    generator: torch.Generator,
-) -> ObservedUpdate:
-    """A DP-FedAvg contribution: clip to L2 norm ``S``, add N(0, (z S)^2) noise.
-
-    This is the client's share of DP-FedAvg's noised sum as seen by an attacker who
-    knows every other client's contribution (the worst case the guarantee covers).
-
-    Args:
-        update: the client's update (all coordinates known).
-        clipping_norm: ``S`` > 0, the largest L2 norm of a client's update.
-        noise_multiplier: ``z`` >= 0, noise standard deviation over ``S``.
-        generator: source of the noise.
-    """
-    if not clipping_norm > 0:
-        raise VeilError(f"clipping_norm must be > 0, got {clipping_norm}")
-    if not noise_multiplier >= 0:
-        raise VeilError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    factor = min(1.0, clipping_norm / (_global_norm(update.grads) + 1e-12))
-    std = noise_multiplier * clipping_norm
-    grads = {
-        n: g * factor + std * torch.randn(g.shape, generator=generator, dtype=g.dtype)
-        for n, g in update.grads.items()
-    }
-    return ObservedUpdate(grads)
-
-
-def summed_view(updates: Sequence[ObservedUpdate]) -> ObservedUpdate:
-    """What the server sees under secure aggregation: the sum of the updates."""
-    if not updates:
-        raise VeilError("summed_view needs at least one update, got 0")
-    names = set(updates[0].grads)
-    for u in updates:
-        if set(u.grads) != names or u.known is not None:
-            raise VeilError(
-                "updates to sum must be complete (no known mask) and share names "
-                f"{sorted(names)}, got {sorted(u.grads)}"
-            )
-    return ObservedUpdate(
-        {n: torch.stack([u.grads[n] for u in updates]).sum(0) for n in names}
-    )
