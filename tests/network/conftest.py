@@ -12,28 +12,33 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from torch import nn
 
 from tests.conftest import make_tiny
 from veil.data import FederatedDataset
 from veil.learning import FedAvg, SGDTrainer
 from veil.learning._types import ClientResult, ClientTask, StateDict
 from veil.learning.encoding import encode
-from veil.models import build_model
 from veil.network import FederatedServer, ServerSettings, StateStore, create_app
 from veil.runtime import FederatedAlgorithm, RoundStats
 
 NUM_CLIENTS = 4
 
 
+def tiny_net() -> nn.Module:
+    """A small model (7,850 parameters) keeps these tests fast."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
 def tiny_model_state() -> StateDict:
     """The same initial weights every time."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return build_model("2nn").state_dict()
+        return tiny_net().state_dict()
 
 
 def tiny_fedavg(seed: int = 0, fraction: float = 0.5) -> FedAvg:
-    model = build_model("2nn")
+    model = tiny_net()
     model.load_state_dict(tiny_model_state())
     return FedAvg(
         model.state_dict(), NUM_CLIENTS, fraction, SGDTrainer(0.1, 1, 10), seed
@@ -113,7 +118,7 @@ class Harness:
         )
         idx = self.shards[k]
         x, y = self.data.train.x[idx], self.data.train.y[idx]
-        return self.algorithm.client_fit(t, build_model("2nn"), x, y)
+        return self.algorithm.client_fit(t, tiny_net(), x, y)
 
     def upload(
         self,

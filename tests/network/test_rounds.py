@@ -14,11 +14,11 @@ from tests.network.conftest import (
     Harness,
     tiny_fedavg,
     tiny_model_state,
+    tiny_net,
     tiny_shards,
 )
 from veil.errors import RoundFailedError
 from veil.learning import DPFedAvg, SGDTrainer
-from veil.models import build_model
 from veil.network import ServerSettings
 from veil.privacy import PrivacyLedger
 from veil.runtime import SimulationRuntime
@@ -26,7 +26,7 @@ from veil.runtime import SimulationRuntime
 
 def simulate(algorithm: object, rounds: int) -> None:
     data, shards = tiny_shards()
-    runtime = SimulationRuntime(lambda: build_model("2nn"), data.train, shards)
+    runtime = SimulationRuntime(lambda: tiny_net(), data.train, shards)
     for rnd in range(1, rounds + 1):
         runtime.run_round(algorithm, rnd)  # type: ignore[arg-type]
 
@@ -71,7 +71,7 @@ def tiny_dp_fedavg(sampling: str = "poisson") -> DPFedAvg:
         clipping_norm=0.5,
         noise_multiplier=1.0,
         trainer=SGDTrainer(0.1, 1, 10),
-        ledger=PrivacyLedger("rdp", "replace_one") if fixed else PrivacyLedger(),
+        ledger=PrivacyLedger("rdp", "replace_one" if fixed else "add_or_remove_one"),
         sampling=sampling,
         seed=3,
     )
