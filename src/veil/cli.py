@@ -16,6 +16,7 @@ from rich.console import Console
 
 from veil.commands.attack import app as attack_app
 from veil.commands.infer import app as infer_app
+from veil.commands.network import certs, join, serve
 from veil.commands.privacy import app as privacy_app
 from veil.errors import VeilError
 
@@ -31,6 +32,9 @@ app = typer.Typer(
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(attack_app, name="attack")
 app.add_typer(infer_app, name="infer")
+app.command()(serve)
+app.command()(join)
+app.command()(certs)
 err = Console(stderr=True)
 
 DataDir = Annotated[
@@ -82,15 +86,39 @@ def run(
 
 @app.command()
 def demo(
-    out: OutRoot = Path("runs"), data_dir: DataDir = None, quiet: Quiet = False
+    out: OutRoot = Path("runs"),
+    data_dir: DataDir = None,
+    quiet: Quiet = False,
+    network: Annotated[
+        bool,
+        typer.Option(
+            "--network",
+            help="Run FedAvg over HTTP: a server and device processes on 127.0.0.1.",
+        ),
+    ] = False,
 ) -> None:
     """Run the bundled demo: FedAvg on full MNIST, 100 clients, with both baselines."""
     demo_config = resources.files("veil.experiment") / "configs" / "demo.toml"
     try:
         with resources.as_file(demo_config) as path:
+            if network:
+                path = _with_network(path, data_dir)
             _run(path, out, data_dir, quiet)
     except VeilError as exc:
         raise _fail(exc) from None
+
+
+def _with_network(config: Path, data_dir: Path | None) -> Path:
+    """The demo config with ``runtime = "network"`` (devices read ``data_dir``)."""
+    import os
+    import tempfile
+
+    if data_dir is not None:
+        os.environ["VEIL_DATA"] = str(data_dir)  # the device processes inherit it
+    text = 'runtime = "network"\n' + config.read_text()
+    out = Path(tempfile.mkdtemp(prefix="veil-demo-")) / "demo-network.toml"
+    out.write_text(text)
+    return out
 
 
 @app.command()

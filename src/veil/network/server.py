@@ -35,6 +35,7 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -556,14 +557,19 @@ class FederatedServer:
         self.store.prune_checkpoints(name)
         logger.info("round %d: aggregated %d results", rnd, len(results))
 
-    def run(self, rounds: int) -> None:
-        """Run rounds from :attr:`next_round` to ``rounds``, then mark the run
-        finished (devices are told so). Stops early when the budget is spent or a
-        failed round stops the server."""
+    def run(
+        self, rounds: int, after_round: Callable[[RoundStats], None] | None = None
+    ) -> None:
+        """Run rounds from :attr:`next_round` to ``rounds`` (calling
+        ``after_round`` with each round's stats), then mark the run finished
+        (devices are told so). Stops early when the budget is spent or a failed
+        round stops the server."""
         try:
             for rnd in range(self.next_round, rounds + 1):
-                self.run_round(self.algorithm, rnd)
+                stats = self.run_round(self.algorithm, rnd)
                 self.next_round = rnd + 1
+                if after_round is not None:
+                    after_round(stats)
         except BudgetExceededError as exc:
             logger.warning("stopped before round %d: %s", self.next_round, exc)
         finally:
