@@ -55,6 +55,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METHODS = ("fedavg", "dp-fedavg")
+#: Seconds the device processes of ``runtime = "network"`` get to enrol.
+STARTUP_SECONDS = 600
 
 
 def server_settings(config: ExperimentConfig) -> ServerSettings:
@@ -233,9 +235,28 @@ class NetworkRuntime:
         for clients in _slices(self.num_clients, self.config.network.devices):
             self.devices.append(self._spawn(clients))
         logger.info("network runtime: %s, %d devices", self.url, len(self.devices))
+        self._wait_for_devices()
+
+    def _wait_for_devices(self) -> None:
+        """Wait until every client is enrolled, so that the first round's deadline
+        is not spent starting processes (loading torch and the data takes seconds)."""
+        assert self.server is not None
+        end = time.monotonic() + STARTUP_SECONDS
+        while self.server.status()["clients_enrolled"] < self.num_clients:
+            failed = [p.returncode for p in self.devices if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > end:
+                raise ConfigError(
+                    f"device processes must enrol every client within "
+                    f"{STARTUP_SECONDS} s; exit codes {failed}, enrolled "
+                    f"{self.server.status()['clients_enrolled']} of {self.num_clients}"
+                )
+            time.sleep(0.1)
 
     def _spawn(self, clients: str) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "veil", "--threads", "1", "join"]
+        command = [sys.executable, "-m", "veil", "--threads", "1"]
+        if logging.getLogger().isEnabledFor(logging.INFO):
+            command.append("--verbose")
+        command.append("join")
         command += ["--server", self.url, "--clients", clients]
         if self.data_dir is not None:
             command += ["--data-dir", str(self.data_dir)]
