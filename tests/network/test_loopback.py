@@ -68,6 +68,7 @@ def config_text(**values: Any) -> str:
     return CONFIG.format(**{**defaults, **values})
 
 
+@pytest.mark.slow
 def test_network_runtime_equals_simulation_with_five_devices(tmp_path: Path) -> None:
     """Five `veil join` processes on 127.0.0.1 train 10 clients; the server
     aggregates by client id, so the model is the simulation's, bit for bit."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,7 +81,9 @@ class DeviceClient:
         max_unreachable: float = 120.0,
         timeout: float = 60.0,
     ) -> None:
-        verify: Any = str(ca_file) if ca_file is not None else True
+        verify: Any = True
+        if ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(ca_file))
         self.http = httpx.Client(base_url=server, verify=verify, timeout=timeout)
         self.max_unreachable = max_unreachable
 
