@@ -299,3 +299,38 @@ def test_model_of_another_round_is_refused(
     r = h.http.get("/v1/rounds/7/model", headers=bearer(tokens[picked[0]]))
     assert r.status_code == 409
     assert "open round (1)" in r.json()["error"]
+
+
+def test_adaptive_clipping_indicator_is_checked(tmp_path: Any) -> None:
+    """With central noise the clipped-or-not indicator must be -0.5 or 0.5: a client
+    cannot move the clipping norm by more than its share."""
+    from tests.network.conftest import tiny_model_state
+    from veil.learning import AdaptiveClipping, DPFedAvg, SGDTrainer
+    from veil.privacy import PrivacyLedger
+
+    algorithm = DPFedAvg(
+        global_state=tiny_model_state(),
+        num_clients=4,
+        sample_rate=1.0,
+        clipping_norm=1.0,
+        noise_multiplier=1.0,
+        trainer=SGDTrainer(0.1),
+        ledger=PrivacyLedger("rdp"),
+        adaptive=AdaptiveClipping(2.0, 0.5, 0.2),
+    )
+    h = Harness(tmp_path, algorithm)
+    token = h.enrol(0)
+    h.open_round(1)
+    before = snapshot(h)
+    for metrics, fragment in (
+        ({}, "must hold 'unclipped'"),
+        ({"unclipped": 40.0}, "-0.5 or 0.5"),
+    ):
+        meta = {"num_examples": 5, "loss": 1.0, "metrics": metrics}
+        r = h.upload(token, 1, zeros(h), meta=meta)
+        assert r.status_code == 422, r.text
+        assert fragment in r.json()["error"]
+    assert_unchanged(h, before)
+    meta = {"num_examples": 5, "loss": 1.0, "metrics": {"unclipped": 0.5}}
+    assert h.upload(token, 1, zeros(h), meta=meta).status_code == 201
+    h.server.finish()

@@ -17,12 +17,14 @@ from typing import Any
 from veil.errors import ConfigError
 from veil.learning import DPFedAvg, FedAvg
 from veil.learning._types import StateDict
+from veil.learning.dp_fedavg import UNCLIPPED
 from veil.learning.user_dp import NoisePlacement
 from veil.privacy import PrivacyEvent, PrivacyLedger
 from veil.runtime import FederatedAlgorithm
 
 __all__ = [
     "apply_checkpoint",
+    "check_metrics",
     "checkpoint_of",
     "ledger_of",
     "method_of",
@@ -78,6 +80,25 @@ def norm_bound(algorithm: FederatedAlgorithm, configured: float | None) -> float
         assert isinstance(algorithm, DPFedAvg)
         return algorithm.clipping_norm * (1 + 1e-4)
     return math.inf
+
+
+def check_metrics(algorithm: FederatedAlgorithm, metrics: dict[str, float]) -> str:
+    """What is wrong with a result's metrics for ``algorithm``, or ``""``.
+
+    DP-FedAvg with adaptive clipping needs the centred clipped-or-not indicator
+    (``unclipped``); with central noise it must be -0.5 or 0.5, so one client moves
+    the clipping norm's count by at most 1/2 (under distributed noise it carries the
+    client's noise share and cannot be bounded).
+    """
+    if not isinstance(algorithm, DPFedAvg) or algorithm.adaptive is None:
+        return ""
+    value = metrics.get(UNCLIPPED)
+    if value is None:
+        return f"metrics must hold {UNCLIPPED!r} for adaptive clipping"
+    central = NoisePlacement(algorithm.placement) is NoisePlacement.CENTRAL
+    if central and value not in (-0.5, 0.5):
+        return f"metrics[{UNCLIPPED!r}] must be -0.5 or 0.5, got {value}"
+    return ""
 
 
 def checkpoint_of(

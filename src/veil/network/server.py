@@ -54,6 +54,7 @@ from veil.learning.encoding import decode, encode
 from veil.learning.user_dp import update_norm
 from veil.network._algorithms import (
     apply_checkpoint,
+    check_metrics,
     checkpoint_of,
     ledger_of,
     method_of,
@@ -417,6 +418,9 @@ class FederatedServer:
         logger.info("round %d: accepted client %d's update", rnd, client_id)
 
     def _check_metadata(self, meta: ResultMetadata) -> None:
+        problem = check_metrics(self.algorithm, meta.metrics)
+        if problem:
+            raise ServiceError(problem, 422)
         cap = self.settings.max_examples
         if cap is not None and meta.num_examples > cap:
             raise ServiceError(
@@ -492,7 +496,13 @@ class FederatedServer:
             )
             for u in updates  # sorted by client id: arrival order cannot matter
         ]
-        self._aggregate(rnd, results)
+        try:
+            self._aggregate(rnd, results)
+        except UpdateError as exc:  # validated on upload; a last line of defence
+            self._fail(rnd, f"aggregation refused the results: {exc}")
+            return RoundStats(
+                rnd, 0, bytes_up, bytes_down, math.nan, time.perf_counter() - start
+            )
         weights = sum(r.num_examples for r in results)
         loss = sum(r.loss * r.num_examples for r in results) / max(weights, 1)
         return RoundStats(
