@@ -9,8 +9,9 @@ update (a fixed random update, so device compute is not measured); the server ch
 each upload completely (token, round, names, shapes, dtypes, finite values, norm),
 stores it in one SQLite transaction, and aggregates when all are in.
 
-Printed: uploads per second over the whole run (aggregation and checkpoints
-included), p50 and p99 latency of an upload, and the server's peak memory (VmHWM);
+Printed: uploads per second over the whole run (enrolment, downloads, aggregation
+and checkpoints included) and while rounds collect (first to last upload of each
+round), p50 and p99 latency of an upload, and the server's peak memory (VmHWM);
 and, as the baseline measured in the same run, the same uploads to a bare FastAPI
 endpoint that reads the body and does nothing else, with the ratio.
 
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -81,7 +83,13 @@ def serve(port: int, devices: int, rounds: int, state: str, bare: bool) -> None:
 
 
 # --- the devices ----------------------------------------------------------------
-async def device(url: str, client_id: int, body: bytes, latencies: list[float]) -> int:
+async def device(
+    url: str,
+    client_id: int,
+    body: bytes,
+    latencies: list[float],
+    spans: list[tuple[int, float, float]],
+) -> int:
     import httpx
 
     meta = json.dumps({"num_examples": 10, "loss": 1.0, "metrics": {}})
@@ -89,14 +97,16 @@ async def device(url: str, client_id: int, body: bytes, latencies: list[float]) 
         r = await http.post("/v1/enrol", json={"client_id": client_id})
         token = r.json()["token"]
         auth = {"Authorization": f"Bearer {token}"}
-        sent = 0
+        sent, wait = 0, 0.0
         while True:
             r = await http.get("/v1/task", headers=auth)
             if r.status_code == 410:
                 return sent
-            if r.status_code == 204:
-                await asyncio.sleep(0.02)
+            if r.status_code == 204:  # back off as veil join does
+                wait = min(max(2 * wait, 0.05), 1.0)
+                await asyncio.sleep(wait * random.uniform(0.5, 1.0))
                 continue
+            wait = 0.0
             rnd = r.json()["round"]
             await http.get(f"/v1/rounds/{rnd}/model", headers=auth)
             start = time.perf_counter()
@@ -106,6 +116,7 @@ async def device(url: str, client_id: int, body: bytes, latencies: list[float]) 
                 headers={**auth, "X-Veil-Result": meta},
             )
             latencies.append(time.perf_counter() - start)
+            spans.append((rnd, start, time.perf_counter()))
             if r.status_code != 201:
                 raise RuntimeError(f"upload refused: {r.status_code} {r.text}")
             sent += 1
@@ -151,6 +162,9 @@ def wait_up(port: int, process: subprocess.Popen[bytes]) -> None:
 
 def start(role: list[str], port: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, __file__, "--serve", "--port", str(port), *role]
+    profile = os.environ.get("SERVER_LOAD_PROFILE")  # cProfile the server into it
+    if profile:
+        command[1:1] = ["-m", "cProfile", "-o", profile]
     process = subprocess.Popen(command)
     wait_up(port, process)
     return process
@@ -161,6 +175,7 @@ def measure(args: argparse.Namespace, bare: bool) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     body = update_bytes()
     latencies: list[float] = []
+    spans: list[tuple[int, float, float]] = []
     with tempfile.TemporaryDirectory() as state:
         role = ["--devices", str(args.devices), "--rounds", str(args.rounds)]
         role += ["--state", state] + (["--bare"] if bare else [])
@@ -176,7 +191,8 @@ def measure(args: argparse.Namespace, bare: bool) -> dict[str, Any]:
                     ]
                 else:
                     jobs = [
-                        device(url, k, body, latencies) for k in range(args.devices)
+                        device(url, k, body, latencies, spans)
+                        for k in range(args.devices)
                     ]
                 return await asyncio.gather(*jobs)
 
@@ -187,7 +203,16 @@ def measure(args: argparse.Namespace, bare: bool) -> dict[str, Any]:
             process.terminate()
             process.wait()
     ms = np.array(latencies) * 1000
+    busy = seconds  # the bare endpoint has no rounds
+    if spans:
+        rounds = {r for r, _, _ in spans}
+        busy = sum(
+            max(e for q, _, e in spans if q == r)
+            - min(b for q, b, _ in spans if q == r)
+            for r in rounds
+        )
     return {
+        "upload_phase_per_s": sent / busy,
         "uploads": sent,
         "seconds": seconds,
         "uploads_per_s": sent / seconds,
@@ -217,7 +242,8 @@ def main() -> None:
     for name, m in (("veil server", veil), ("bare endpoint", bare)):
         print(
             f"{name:14s} {m['uploads']:5d} uploads of {m['upload_bytes']} B in "
-            f"{m['seconds']:.2f} s: {m['uploads_per_s']:.0f} uploads/s, "
+            f"{m['seconds']:.2f} s: {m['uploads_per_s']:.0f} uploads/s "
+            f"({m['upload_phase_per_s']:.0f}/s while rounds collect), "
             f"p50 {m['p50_ms']:.1f} ms, p99 {m['p99_ms']:.1f} ms, "
             f"server peak {m['server_peak_mb']:.0f} MB"
         )

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -142,7 +143,8 @@ class Deployment:
 
     def status(self) -> dict[str, Any] | None:
         try:
-            r = httpx.get(self.url + "/v1/status", verify=str(self.cert), timeout=5)
+            trust = ssl.create_default_context(cafile=str(self.cert))
+            r = httpx.get(self.url + "/v1/status", verify=trust, timeout=5)
         except httpx.TransportError:
             return None
         return dict(r.json())
