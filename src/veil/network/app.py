@@ -43,9 +43,13 @@ from veil.errors import ServiceError
 from veil.network.server import FederatedServer, ResultMetadata
 
 __all__ = [
+    "RETRY_AFTER",
+    "Accepted",
     "EnrolRequest",
     "EnrolResponse",
+    "ErrorBody",
     "ResultHeader",
+    "Revoked",
     "TaskResponse",
     "create_app",
 ]
@@ -202,7 +206,12 @@ def create_app(server: FederatedServer) -> FastAPI:
 
     @app.get(
         "/v1/task",
-        responses={**_ERRORS, 204: {"description": "No work now"}, 410: {}},
+        response_model=TaskResponse,
+        responses={
+            **_ERRORS,
+            204: {"description": "No work for this client now; ask again later"},
+            410: {"model": ErrorBody, "description": "The run is over"},
+        },
     )
     def task(credentials: Bearer) -> Any:
         """This client's task in the open round, if it has one."""
