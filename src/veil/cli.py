@@ -7,6 +7,7 @@ one clear message and exit with status 2; anything else is a bug and shows a tra
 from __future__ import annotations
 
 import logging
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -63,6 +64,8 @@ def _run(
     from veil.experiment import load_config, run_experiment
 
     config = load_config(config_text)
+    if data_dir is not None and config.runtime == "network":
+        os.environ["VEIL_DATA"] = str(data_dir)  # the device processes read it
     run_dir = run_experiment(config, out, data_dir=data_dir, progress=not quiet)
     summary = (run_dir / "summary.json").read_text()
     err.print(f"[bold green]done:[/] {run_dir}/report.md")
@@ -102,19 +105,16 @@ def demo(
     try:
         with resources.as_file(demo_config) as path:
             if network:
-                path = _with_network(path, data_dir)
+                path = _with_network(path)
             _run(path, out, data_dir, quiet)
     except VeilError as exc:
         raise _fail(exc) from None
 
 
-def _with_network(config: Path, data_dir: Path | None) -> Path:
-    """The demo config with ``runtime = "network"`` (devices read ``data_dir``)."""
-    import os
+def _with_network(config: Path) -> Path:
+    """The demo config with ``runtime = "network"``."""
     import tempfile
 
-    if data_dir is not None:
-        os.environ["VEIL_DATA"] = str(data_dir)  # the device processes inherit it
     text = 'runtime = "network"\n' + config.read_text()
     out = Path(tempfile.mkdtemp(prefix="veil-demo-")) / "demo-network.toml"
     out.write_text(text)
