@@ -7,6 +7,7 @@ one clear message and exit with status 2; anything else is a bug and shows a tra
 from __future__ import annotations
 
 import logging
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from veil.commands.attack import app as attack_app
 from veil.commands.infer import app as infer_app
+from veil.commands.network import certs, join, serve
 from veil.commands.privacy import app as privacy_app
 from veil.errors import VeilError
 
@@ -31,6 +33,9 @@ app = typer.Typer(
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(attack_app, name="attack")
 app.add_typer(infer_app, name="infer")
+app.command()(serve)
+app.command()(join)
+app.command()(certs)
 err = Console(stderr=True)
 
 DataDir = Annotated[
@@ -59,6 +64,8 @@ def _run(
     from veil.experiment import load_config, run_experiment
 
     config = load_config(config_text)
+    if data_dir is not None and config.runtime == "network":
+        os.environ["VEIL_DATA"] = str(data_dir)  # the device processes read it
     run_dir = run_experiment(config, out, data_dir=data_dir, progress=not quiet)
     summary = (run_dir / "summary.json").read_text()
     err.print(f"[bold green]done:[/] {run_dir}/report.md")
@@ -82,15 +89,36 @@ def run(
 
 @app.command()
 def demo(
-    out: OutRoot = Path("runs"), data_dir: DataDir = None, quiet: Quiet = False
+    out: OutRoot = Path("runs"),
+    data_dir: DataDir = None,
+    quiet: Quiet = False,
+    network: Annotated[
+        bool,
+        typer.Option(
+            "--network",
+            help="Run FedAvg over HTTP: a server and device processes on 127.0.0.1.",
+        ),
+    ] = False,
 ) -> None:
     """Run the bundled demo: FedAvg on full MNIST, 100 clients, with both baselines."""
     demo_config = resources.files("veil.experiment") / "configs" / "demo.toml"
     try:
         with resources.as_file(demo_config) as path:
+            if network:
+                path = _with_network(path)
             _run(path, out, data_dir, quiet)
     except VeilError as exc:
         raise _fail(exc) from None
+
+
+def _with_network(config: Path) -> Path:
+    """The demo config with ``runtime = "network"``."""
+    import tempfile
+
+    text = 'runtime = "network"\n' + config.read_text()
+    out = Path(tempfile.mkdtemp(prefix="veil-demo-")) / "demo-network.toml"
+    out.write_text(text)
+    return out
 
 
 @app.command()

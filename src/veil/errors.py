@@ -13,6 +13,7 @@ __all__ = [
     "MessageError",
     "PrivacyError",
     "RoundAbortedError",
+    "RoundFailedError",
     "SecAggError",
     "ServiceError",
     "UpdateError",
@@ -57,6 +58,11 @@ class RoundAbortedError(SecAggError):
 
     bytes_up: int = 0
     bytes_down: int = 0
+
+
+class RoundFailedError(VeilError):
+    """A federated round ended without enough results by its deadline: nothing was
+    aggregated and the global model is unchanged."""
 
 
 class PrivacyError(VeilError):

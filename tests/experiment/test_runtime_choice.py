@@ -97,8 +97,10 @@ def test_ray_run_matches_simulation_run(
 
 
 def test_unknown_runtime_names_the_choices() -> None:
-    with pytest.raises(ConfigError, match=r"'runtime'.*'simulation' or 'ray'"):
-        parse_config(tomllib.loads(_config("network")))
+    with pytest.raises(
+        ConfigError, match=r"'runtime'.*'simulation', 'ray' or 'network'"
+    ):
+        parse_config(tomllib.loads(_config("pigeon")))
 
 
 def test_bad_ray_setting_is_named() -> None:

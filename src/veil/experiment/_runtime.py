@@ -1,9 +1,11 @@
 """The runner's choice of runtime: where clients' work runs (``runtime`` key).
 
 ``simulation`` runs every client in this process; ``ray`` runs each client's local
-work as a Ray task (``[ray]`` section). Methods ask :func:`open_runtime` for a runtime
-and use it as a context manager, so a local Ray started for a method is stopped when
-the method ends, even when it fails.
+work as a Ray task (``[ray]`` section); ``network`` runs a server on 127.0.0.1 and
+device processes that reach it over HTTP (``[network]`` section). Methods ask
+:func:`open_runtime` for a runtime and use it as a context manager, so a local Ray
+(or a server and its devices) started for a method is stopped when the method ends,
+even when it fails.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ def open_runtime(
     model_fn = functools.partial(build_model, config.model.name)
     if config.runtime == "simulation":
         yield SimulationRuntime(model_fn, train, client_indices)
+        return
+    if config.runtime == "network":
+        from veil.experiment._network import NetworkRuntime
+
+        network = NetworkRuntime(config, len(client_indices))
+        try:
+            yield network
+        finally:
+            network.shutdown()
         return
     from veil.runtime.ray_runtime import RayRuntime
 

@@ -43,6 +43,7 @@ __all__ = [
     "FedAvgConfig",
     "LocalConfig",
     "ModelConfig",
+    "NetworkConfig",
     "RayConfig",
     "SecAggConfig",
     "StandaloneConfig",
@@ -340,6 +341,28 @@ class RayConfig(_Section):
     memory_per_client_mb: PositiveInt | None = None
 
 
+class NetworkConfig(_Section):
+    """``[network]``: the network runtime (``runtime = "network"``, ``veil serve``).
+
+    A round stays open ``round_timeout`` seconds; with at least ``min_results``
+    results it is aggregated, otherwise it fails and the next one starts
+    (``on_failed_round = "next"``) or the server stops (``"stop"``). Uploads are
+    refused above ``max_update_norm`` (default: the clipping norm for DP-FedAvg
+    with central noise, else no bound), above ``max_body_mb`` MiB (default: the
+    model's size plus 64 KiB) or reporting more than ``max_examples`` examples.
+    ``devices`` is the number of device processes ``runtime = "network"`` starts
+    on 127.0.0.1, sharing the clients between them. See docs/network.md.
+    """
+
+    round_timeout: PositiveFloat = 60.0
+    min_results: PositiveInt = 1
+    on_failed_round: Literal["next", "stop"] = "next"
+    max_update_norm: PositiveFloat | None = None
+    max_body_mb: PositiveFloat | None = None
+    max_examples: PositiveInt | None = None
+    devices: PositiveInt = 4
+
+
 class ExperimentConfig(_Section):
     """The whole experiment. Methods run in the order of :data:`METHOD_NAMES`."""
 
@@ -347,7 +370,7 @@ class ExperimentConfig(_Section):
     seed: int = 0
     methods: list[str] = Field(default_factory=lambda: ["fedavg"], min_length=1)
     target_accuracy: Annotated[float, Field(gt=0, le=1)] | None = None
-    runtime: Literal["simulation", "ray"] = "simulation"
+    runtime: Literal["simulation", "ray", "network"] = "simulation"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     local: LocalConfig = LocalConfig()
@@ -360,6 +383,7 @@ class ExperimentConfig(_Section):
     secagg: SecAggConfig = SecAggConfig()
     dssgd: DSSGDConfig = DSSGDConfig()
     ray: RayConfig = RayConfig()
+    network: NetworkConfig = NetworkConfig()
 
     @field_validator("methods")
     @classmethod

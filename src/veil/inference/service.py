@@ -24,10 +24,8 @@ service holds none besides the frozen cloud part).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import struct
 from typing import Any
 
 import torch
@@ -36,6 +34,7 @@ from fastapi.responses import JSONResponse
 from safetensors.torch import load
 from torch import nn
 
+from veil._wire import read_body, refuse_pickle, safetensors_header
 from veil.errors import ConfigError, ServiceError
 
 __all__ = ["TENSOR_NAME", "create_app", "decode_representation", "max_request_bytes"]
@@ -46,46 +45,12 @@ logger = logging.getLogger(__name__)
 TENSOR_NAME = "representation"
 # Room for the safetensors header (8-byte length and a short JSON header).
 _HEADER_ROOM = 4096
-_PICKLE_PROTOCOLS = range(2, 6)
 
 
 def max_request_bytes(features: int, max_batch: int) -> int:
     """The largest valid request body: ``max_batch * features`` float32 values and
     the header."""
     return 8 + _HEADER_ROOM + 4 * features * max_batch
-
-
-def _refuse_pickle(payload: bytes) -> None:
-    is_pickle = len(payload) >= 2 and payload[0] == 0x80
-    is_pickle = is_pickle and payload[1] in _PICKLE_PROTOCOLS
-    if is_pickle or payload.startswith(b"PK\x03\x04"):
-        raise ServiceError(
-            "body looks like a pickle or torch.save file, which is never loaded: "
-            "send safetensors bytes (safetensors.torch.save)",
-            415,
-        )
-
-
-def _header(payload: bytes) -> dict[str, Any]:
-    if len(payload) < 8:
-        raise ServiceError(
-            f"body must be safetensors bytes, got {len(payload)} bytes", 400
-        )
-    (size,) = struct.unpack("<Q", payload[:8])
-    if size > len(payload) - 8:
-        raise ServiceError(
-            f"body is not valid safetensors: its header claims {size} bytes, but "
-            f"only {len(payload) - 8} follow",
-            400,
-        )
-    try:
-        header = json.loads(payload[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ServiceError(f"body is not valid safetensors ({exc})", 400) from None
-    if not isinstance(header, dict):
-        raise ServiceError("body is not valid safetensors: header is not a map", 400)
-    header.pop("__metadata__", None)
-    return header
 
 
 def _check_header(header: dict[str, Any], features: int, max_batch: int) -> None:
@@ -124,8 +89,8 @@ def decode_representation(
         ServiceError: with status 415 (pickle), 400 (not safetensors) or 422 (wrong
             names, dtype, shape, or a non-finite value); see the module docstring.
     """
-    _refuse_pickle(payload)
-    _check_header(_header(payload), features, max_batch)
+    refuse_pickle(payload)
+    _check_header(safetensors_header(payload), features, max_batch)
     try:
         tensors = load(payload)
     except Exception as exc:  # safetensors raises its own error types
@@ -134,24 +99,6 @@ def decode_representation(
     if not bool(torch.isfinite(r).all()):
         raise ServiceError(f"{TENSOR_NAME} must be finite, got NaN or inf", 422)
     return r
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ServiceError(f"Content-Length must be a number, got {declared}", 400)
-        if int(declared) > max_bytes:
-            raise ServiceError(
-                f"body must be at most {max_bytes} bytes, got {declared}", 413
-            )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ServiceError(f"body must be at most {max_bytes} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_app(
@@ -193,7 +140,7 @@ def create_app(
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        payload = await _read_body(request, max_bytes)
+        payload = await read_body(request, max_bytes)
         r = decode_representation(payload, features, max_batch)
         with torch.inference_mode():
             probabilities = torch.softmax(cloud_part(r), dim=1)

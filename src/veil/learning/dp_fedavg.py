@@ -33,7 +33,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -323,6 +324,23 @@ class DPFedAvg:
             len(results),
             used_norm,
         )
+
+    def server_state(self) -> tuple[StateDict, dict[str, Any]]:
+        """What the server carries from round to round besides the global model and
+        the ledger, for a checkpoint: the momentum tensors, and the clipping norm
+        and round history as JSON-able values."""
+        velocity = {} if self._velocity is None else dict(self._velocity)
+        values = {
+            "clipping_norm": self.clipping_norm,
+            "history": [asdict(r) for r in self.history],
+        }
+        return velocity, values
+
+    def load_server_state(self, velocity: StateDict, values: dict[str, Any]) -> None:
+        """Restore what :meth:`server_state` returned (a restarted server)."""
+        self._velocity = dict(velocity) or None
+        self.clipping_norm = float(values["clipping_norm"])
+        self.history = [RoundRecord(**r) for r in values["history"]]
 
     def _server_noise(self, rnd: int, received: int) -> tuple[float, float]:
         """What the server adds to the update sum and to the count.

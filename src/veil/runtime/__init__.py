@@ -3,7 +3,7 @@
 The simulation runtime runs clients as objects in one process; the Ray runtime runs
 each client's local work as a Ray task (``pip install 'veil[ray]'``). Both implement
 the same :class:`Runtime` protocol and give the same model for the same seed. The
-network runtime (a server and device processes over HTTPS) is to come.
+network runtime (a server and device processes over HTTPS) is :mod:`veil.network`.
 """
 
 from veil.runtime._base import (

@@ -1,0 +1,257 @@
+"""The device process: enrol, ask for work, train, upload, over and over.
+
+A device holds one or more client identities (a phone holds one; a test or demo
+process may stand in for several), each with its own token. It asks the server for
+each identity's task, downloads the round's global model once, runs the algorithm's
+``client_fit`` on that client's own data and uploads the update as safetensors with
+its metadata as JSON. With nothing to do it waits, doubling the wait up to a cap;
+when the server cannot be reached or answers 5xx it retries with backoff, so it
+rides out a server restart. It stops when the server says the run is over (410),
+when every identity was revoked, or after ``max_unreachable`` seconds without
+reaching the server.
+
+TLS: ``ca_file`` is the certificate (or CA bundle) the device trusts; ``None`` uses
+the system's trust store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from torch import nn
+
+from veil.errors import ServiceError
+from veil.learning._types import ClientTask
+from veil.learning.encoding import decode, encode
+from veil.runtime import FederatedAlgorithm
+
+__all__ = ["Backoff", "DeviceClient", "Identity", "run_device"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: ``first``, doubling up to ``cap`` seconds."""
+
+    first: float = 0.1
+    cap: float = 2.0
+    _next: float = field(default=0.0, repr=False)
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+    def wait(self) -> None:
+        self._next = min(max(self._next * 2, self.first), self.cap)
+        time.sleep(self._next * random.uniform(0.5, 1.0))
+
+
+@dataclass
+class Identity:
+    """A client id this device acts for, and its token."""
+
+    client_id: int
+    token: str
+
+
+class DeviceClient:
+    """HTTP calls to one server, retried through transport errors and 5xx.
+
+    Args:
+        server: the server's base URL (``https://host:port``).
+        ca_file: certificate file to trust for TLS; ``None`` for the system's.
+        max_unreachable: give up after this many seconds without an answer.
+        timeout: seconds per request.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        ca_file: str | Path | None = None,
+        max_unreachable: float = 120.0,
+        timeout: float = 60.0,
+    ) -> None:
+        verify: Any = True
+        if ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(ca_file))
+        self.http = httpx.Client(base_url=server, verify=verify, timeout=timeout)
+        self.max_unreachable = max_unreachable
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, retried with backoff while the server is unreachable or
+        answers 5xx; a 4xx is returned to the caller."""
+        backoff = Backoff(first=0.2, cap=5.0)
+        since = time.monotonic()
+        while True:
+            try:
+                r = self.http.request(method, path, **kwargs)
+                if r.status_code < 500:
+                    return r
+                problem = f"{r.status_code} {r.text[:200]}"
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() - since > self.max_unreachable:
+                raise ServiceError(
+                    f"server unreachable for {self.max_unreachable:g} s ({problem})", 0
+                )
+            logger.info("%s %s failed (%s); retrying", method, path, problem)
+            backoff.wait()
+
+    def config(self) -> tuple[str, dict[str, Any]]:
+        """The method and experiment config the server runs."""
+        r = self.request("GET", "/v1/config")
+        _raise_for(r)
+        body = r.json()
+        return str(body["method"]), dict(body["config"])
+
+    def enrol(self, client_id: int, key: str | None = None) -> Identity:
+        """Enrol as ``client_id``; the token is returned once."""
+        headers = {} if key is None else _bearer(key)
+        r = self.request(
+            "POST", "/v1/enrol", json={"client_id": client_id}, headers=headers
+        )
+        _raise_for(r)
+        return Identity(int(r.json()["client_id"]), str(r.json()["token"]))
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _raise_for(r: httpx.Response) -> None:
+    if r.status_code >= 400:
+        try:
+            message = r.json().get("error", r.text)
+        except ValueError:
+            message = r.text
+        raise ServiceError(f"server refused: {message}", r.status_code)
+
+
+ClientData = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Device:
+    """The polling loop of :func:`run_device`."""
+
+    def __init__(
+        self,
+        client: DeviceClient,
+        algorithm: FederatedAlgorithm,
+        model: nn.Module,
+        data: ClientData,
+        identities: list[Identity],
+    ) -> None:
+        self.client = client
+        self.algorithm = algorithm
+        self.model = model
+        self.data = data
+        self.identities = list(identities)
+        self.models: dict[int, Any] = {}
+        self.sent = 0
+
+    def step(self) -> bool | None:
+        """Ask for every identity's task and do those given; ``True`` if any work
+        was done, ``None`` once the run is over or nobody is left."""
+        worked = False
+        for ident in list(self.identities):
+            r = self.client.request("GET", "/v1/task", headers=_bearer(ident.token))
+            if r.status_code == 410:
+                return None
+            if r.status_code in (401, 403):
+                logger.warning("client %d dropped: %s", ident.client_id, r.text)
+                self.identities.remove(ident)
+                continue
+            if r.status_code == 200:
+                self.work(ident, r.json())
+                worked = True
+        return worked if self.identities else None
+
+    def global_model(self, rnd: int, token: str) -> Any:
+        if rnd not in self.models:
+            r = self.client.request(
+                "GET", f"/v1/rounds/{rnd}/model", headers=_bearer(token)
+            )
+            _raise_for(r)
+            self.models = {rnd: decode(r.content)}
+        return self.models[rnd]
+
+    def work(self, ident: Identity, task: dict[str, Any]) -> None:
+        rnd = int(task["round"])
+        try:
+            state = self.global_model(rnd, ident.token)
+        except ServiceError as exc:  # the round closed meanwhile
+            logger.info(
+                "client %d: no model for round %d (%s)", ident.client_id, rnd, exc
+            )
+            return
+        t = ClientTask(ident.client_id, rnd, int(task["seed"]), state, task["settings"])
+        x, y = self.data(ident.client_id)
+        result = self.algorithm.client_fit(t, self.model, x, y)
+        meta = {
+            "num_examples": result.num_examples,
+            "loss": result.loss,
+            "metrics": result.metrics,
+        }
+        headers = {**_bearer(ident.token), "X-Veil-Result": json.dumps(meta)}
+        r = self.client.request(
+            "POST",
+            f"/v1/rounds/{rnd}/update",
+            content=encode(result.update),
+            headers=headers,
+        )
+        if r.status_code == 201:
+            self.sent += 1
+            logger.info("client %d: round %d update accepted", ident.client_id, rnd)
+        else:
+            logger.warning(
+                "client %d: round %d update refused (%d %s)",
+                ident.client_id,
+                rnd,
+                r.status_code,
+                r.text[:300],
+            )
+
+
+def run_device(
+    client: DeviceClient,
+    algorithm: FederatedAlgorithm,
+    model: nn.Module,
+    data: ClientData,
+    identities: list[Identity],
+    poll: Backoff | None = None,
+) -> int:
+    """Work for ``identities`` until the run is over; return the updates accepted.
+
+    Args:
+        client: the connection to the server.
+        algorithm: the algorithm whose ``client_fit`` trains (built from the
+            server's config, so it matches the server's).
+        model: a scratch model of the run's architecture (weights are overwritten).
+        data: a client's ``(features, labels)`` by client id.
+        identities: the client ids this device acts for, with their tokens.
+        poll: how long to wait between polls with nothing to do.
+    """
+    device = _Device(client, algorithm, model, data, identities)
+    poll = poll or Backoff(first=0.1, cap=2.0)
+    while True:
+        worked = device.step()
+        if worked is None:
+            logger.info("device done: %d updates accepted", device.sent)
+            return device.sent
+        if worked:
+            poll.reset()
+        else:
+            poll.wait()

@@ -1,0 +1,352 @@
+"""The server's durable state: one SQLite database and the checkpoint files.
+
+Everything the federated server must not lose lives here, so that a server killed at
+any moment (SIGKILL, power cut of the process) and restarted resumes where it was:
+
+- ``clients``: enrolled clients, each with the SHA-256 of its token (the token
+  itself is never stored) and when it was revoked;
+- ``rounds``: every round opened, with its tasks, deadline and outcome
+  (``open``, ``aggregated`` or ``failed``), and the checkpoint it produced;
+- ``updates``: every accepted update, tensors as safetensors bytes, written in one
+  transaction each, so an answer of 201 means the update is on disk;
+- ``ledger``: the privacy events released, one row per aggregated round, written in
+  the same transaction that marks the round aggregated;
+- ``meta``: the admin token's hash and the run's identity (method, config digest).
+
+The global model is checkpointed every round as safetensors: written to a temporary
+file, flushed to disk, then renamed over the final name (``os.replace`` is atomic),
+*before* the transaction that points the round at it commits. A crash between the
+two leaves an unreferenced file that the next aggregation overwrites.
+
+The database runs in WAL mode with ``synchronous = NORMAL``: a committed transaction
+survives the process being killed; after an operating-system crash or power loss the
+last transactions may be rolled back (set ``synchronous="FULL"`` to fsync every
+commit, at some cost in uploads per second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save
+
+from veil.errors import ConfigError
+from veil.learning._types import StateDict
+
+__all__ = [
+    "AcceptedUpdate",
+    "RoundRow",
+    "StateStore",
+    "hash_token",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id INTEGER PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    enrolled_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('open', 'aggregated', 'failed')),
+    tasks TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    closed_at REAL,
+    reason TEXT,
+    checkpoint TEXT
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL,
+    client_id INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    metrics TEXT NOT NULL,
+    tensors BLOB,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (round, client_id)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    recorded_at REAL NOT NULL
+);
+"""
+
+
+def hash_token(token: str) -> str:
+    """The SHA-256 (hex) under which a token is stored and looked up."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """A round as stored.
+
+    Attributes:
+        round: the round number, from 1.
+        status: ``"open"``, ``"aggregated"`` or ``"failed"``.
+        tasks: the round's tasks as JSON-able dicts (client id, seed, settings).
+        deadline: when the round closes, seconds since the epoch.
+        reason: why a failed round failed (``None`` otherwise).
+        checkpoint: file name of the model the round produced (aggregated only).
+    """
+
+    round: int
+    status: str
+    tasks: list[dict[str, Any]]
+    deadline: float
+    reason: str | None
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    """An accepted update as stored (tensors as safetensors bytes)."""
+
+    round: int
+    client_id: int
+    num_examples: int
+    loss: float
+    metrics: dict[str, float]
+    tensors: bytes
+
+
+class StateStore:
+    """The SQLite database and checkpoint folder of one server.
+
+    Args:
+        folder: where ``state.sqlite`` and ``checkpoints/`` live (created).
+        synchronous: SQLite's ``synchronous`` setting, ``"NORMAL"`` (default:
+            durable against a killed process) or ``"FULL"`` (also against power
+            loss).
+
+    Every method is safe to call from several threads: one connection is shared
+    under a lock, and each write is one transaction.
+    """
+
+    def __init__(self, folder: str | Path, synchronous: str = "NORMAL") -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ConfigError(
+                f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}"
+            )
+        self.folder = Path(folder)
+        self.checkpoints = self.folder / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.folder / "state.sqlite",
+            check_same_thread=False,
+            isolation_level=None,
+        )
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute(f"PRAGMA synchronous = {synchronous}")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # meta
+    def get_meta(self, key: str) -> str | None:
+        """The stored value of ``key``, or ``None``."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` (replacing any)."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # clients
+    def enrol(self, client_id: int, token_sha256: str) -> None:
+        """Record a newly enrolled client (the caller checked it is free)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO clients VALUES (?, ?, ?, NULL)",
+                (client_id, token_sha256, time.time()),
+            )
+
+    def revoke(self, client_id: int) -> None:
+        """Mark ``client_id`` revoked: its token is refused from now on."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE clients SET revoked_at = ? WHERE client_id = ?",
+                (time.time(), client_id),
+            )
+
+    def clients(self) -> dict[str, tuple[int, bool]]:
+        """Every client: token hash -> (client id, revoked)."""
+        rows = self._query("SELECT token_sha256, client_id, revoked_at FROM clients")
+        return {h: (int(k), r is not None) for h, k, r in rows}
+
+    # rounds
+    def open_round(
+        self, rnd: int, tasks: list[dict[str, Any]], deadline: float
+    ) -> None:
+        """Record round ``rnd`` as open with its tasks."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO rounds VALUES (?, 'open', ?, ?, ?, NULL, NULL, NULL)",
+                (rnd, json.dumps(tasks), time.time(), deadline),
+            )
+
+    def set_deadline(self, rnd: int, deadline: float) -> None:
+        """Move the deadline of the open round ``rnd``."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE rounds SET deadline = ? WHERE round = ?", (deadline, rnd)
+            )
+
+    def rounds(self) -> list[RoundRow]:
+        """Every round, oldest first."""
+        rows = self._query(
+            "SELECT round, status, tasks, deadline, reason, checkpoint FROM rounds "
+            "ORDER BY round"
+        )
+        return [RoundRow(r, s, json.loads(t), d, e, c) for r, s, t, d, e, c in rows]
+
+    def fail_round(self, rnd: int, reason: str) -> None:
+        """Mark round ``rnd`` failed (too few results by its deadline)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE rounds SET status = 'failed', closed_at = ?, reason = ? "
+                "WHERE round = ?",
+                (time.time(), reason, rnd),
+            )
+
+    def finish_round(
+        self, rnd: int, checkpoint: str, events: list[dict[str, Any]]
+    ) -> None:
+        """Mark round ``rnd`` aggregated, pointing at ``checkpoint``, and append the
+        privacy events it released, in one transaction. The round's update tensors
+        are dropped (their rows stay, as the record of who contributed)."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE rounds SET status = 'aggregated', closed_at = ?, "
+                "checkpoint = ? WHERE round = ?",
+                (now, checkpoint, rnd),
+            )
+            db.executemany(
+                "INSERT INTO ledger (round, event, recorded_at) VALUES (?, ?, ?)",
+                [(rnd, json.dumps(e), now) for e in events],
+            )
+            db.execute("UPDATE updates SET tensors = NULL WHERE round = ?", (rnd,))
+
+    # updates
+    def add_update(self, update: AcceptedUpdate) -> None:
+        """Store an accepted update (one transaction)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    update.round,
+                    update.client_id,
+                    update.num_examples,
+                    update.loss,
+                    json.dumps(update.metrics),
+                    update.tensors,
+                    len(update.tensors),
+                    time.time(),
+                ),
+            )
+
+    def updates(self, rnd: int) -> list[AcceptedUpdate]:
+        """The accepted updates of round ``rnd``, by increasing client id."""
+        rows = self._query(
+            "SELECT client_id, num_examples, loss, metrics, tensors FROM updates "
+            "WHERE round = ? ORDER BY client_id",
+            (rnd,),
+        )
+        return [
+            AcceptedUpdate(rnd, k, n, loss, json.loads(m), t or b"")
+            for k, n, loss, m, t in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """How many updates were accepted and how many bytes they held."""
+        rows = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM updates")
+        return {"updates": int(rows[0][0]), "bytes": int(rows[0][1])}
+
+    # ledger
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every privacy event released, oldest first."""
+        rows = self._query("SELECT event FROM ledger ORDER BY id")
+        return [json.loads(e) for (e,) in rows]
+
+    # checkpoints
+    def write_checkpoint(
+        self, rnd: int, tensors: StateDict, metadata: dict[str, str]
+    ) -> str:
+        """Write the model of round ``rnd`` atomically; return its file name.
+
+        The bytes go to a temporary file in the same folder, are flushed to disk,
+        and the file is renamed over the final name, so a reader (or a restart)
+        sees the old file or the new one, never a torn one.
+        """
+        name = f"round-{rnd:06d}.safetensors"
+        data = save(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata
+        )
+        tmp = self.checkpoints / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.checkpoints / name)
+        _fsync_dir(self.checkpoints)
+        return name
+
+    def read_checkpoint(self, name: str) -> tuple[StateDict, dict[str, str]]:
+        """The tensors and metadata of checkpoint ``name``."""
+        from safetensors import safe_open
+
+        path = self.checkpoints / name
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+
+    def prune_checkpoints(self, keep: str) -> None:
+        """Delete every round checkpoint but ``keep`` and the initial one."""
+        for path in self.checkpoints.glob("round-*.safetensors"):
+            if path.name not in (keep, "round-000000.safetensors"):
+                path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
