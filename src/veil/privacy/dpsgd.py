@@ -127,7 +127,10 @@ def noisy_gradient(
     params = trainable_parameters(model)
     if not params:
         raise PrivacyError("model has no trainable parameters (requires_grad=True)")
-    sums = {n: torch.zeros_like(p, dtype=p.dtype) for n, p in params.items()}
+    # The clip factors carry the division by the expected batch size, so the sums
+    # come out averaged; the noise is scaled to match.
+    scale = 1.0 / expected_batch_size
+    sums = {n: torch.zeros_like(p) for n, p in params.items()} if len(x) == 0 else {}
     loss_sum = torch.zeros((), dtype=torch.float64)
     clipped = 0
 
@@ -138,19 +141,19 @@ def noisy_gradient(
             y[start : start + max_physical_batch],
         )
         parts, norms, losses = _clipped_sum(
-            model, xb, yb, clipping_norm, loss_fn, engine
+            model, xb, yb, clipping_norm, scale, loss_fn, engine
         )
         for name, g in parts.items():
-            sums[name].add_(g)
+            sums[name] = sums[name].add_(g) if name in sums else g
         clipped += int((norms > clipping_norm).sum())
         loss_sum += losses.sum().to(torch.float64)
 
-    # Noise once per logical batch, then average over the expected batch size.
-    std = noise_multiplier * clipping_norm
-    for total in sums.values():
-        if std > 0:
+    # Noise once per logical batch: N(0, (noise_multiplier * clipping_norm)^2) on
+    # the sum, so divided by the expected batch size on the average.
+    std = noise_multiplier * clipping_norm * scale
+    if std > 0:
+        for total in sums.values():
             total.add_(noise.normal(total.shape, std, total.dtype))
-        total.div_(expected_batch_size)
     return NoisyGradient(sums, len(x), float(loss_sum), clipped)
 
 
@@ -159,23 +162,27 @@ def _clipped_sum(
     x: torch.Tensor,
     y: torch.Tensor,
     clipping_norm: float,
+    scale: float,
     loss_fn: LossFn,
     engine: str,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Clipped gradient sum, per-example norms and loss sum of one micro-batch."""
+    """Clipped gradient sum times ``scale``, per-example norms and loss sum of one
+    micro-batch."""
+
+    def factors(norms: torch.Tensor) -> torch.Tensor:
+        return clip_factors(norms, clipping_norm).mul_(scale)
+
     if engine in ("ghost", "auto"):
         try:
-            return clipped_sum(
-                model, x, y, lambda norms: clip_factors(norms, clipping_norm), loss_fn
-            )
+            return clipped_sum(model, x, y, factors, loss_fn)
         except GhostUnsupportedError:
             if engine == "ghost":
                 raise
     grads, losses = per_example_gradients(model, x, y, loss_fn)
     flat = [g.reshape(len(x), -1) for g in grads.values()]
     norms = torch.linalg.vector_norm(torch.cat(flat, dim=1), dim=1)
-    factors = clip_factors(norms, clipping_norm)
-    parts = {name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()}
+    c = factors(norms)
+    parts = {name: torch.tensordot(c, g, dims=1) for name, g in grads.items()}
     return parts, norms, losses.sum()
 
 
