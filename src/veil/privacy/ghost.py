@@ -146,14 +146,11 @@ def clipped_sum(
         weights, biases = _uses(calls, out_grads)
 
         # Per-example squared norms, parameter by parameter.
-        sq = torch.zeros(len(x), dtype=torch.float64)
-        finishers: dict[int, _Finish] = {}
-        for pid, uses in weights.items():
-            part, finishers[pid] = _weight_part(uses)
-            sq += part.double()
+        sq = torch.zeros(len(x), dtype=_norm_dtype(out_grads))
+        finishers = {pid: _weight_part(uses, sq) for pid, uses in weights.items()}
         for g in biases.values():
-            sq += _sq_rows(g).double()
-        norms = sq.sqrt().to(x.dtype if x.is_floating_point() else torch.float32)
+            sq += _sq_rows(g)
+        norms = sq.sqrt_()
         factors = clip(norms)
 
         # Clipped sums.
@@ -233,6 +230,7 @@ class _Use:
 
     g: torch.Tensor
     inputs: Callable[[slice], torch.Tensor]
+    width: int
 
 
 def _uses(
@@ -259,10 +257,15 @@ def _use(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> _Use:
     """A layer call's output gradients and inputs as positions."""
     if isinstance(module, nn.Linear):
         a3 = a.reshape(len(a), -1, a.shape[-1])
-        return _Use(g.reshape(len(g), -1, g.shape[-1]), a3.__getitem__)
+        g3 = g.reshape(len(g), -1, g.shape[-1])
+        return _Use(g3, a3.__getitem__, a.shape[-1])
     assert isinstance(module, _ConvNd)
     conv = module
-    return _Use(g.flatten(2).transpose(1, 2), lambda rows: _patches(conv, a[rows]))
+    return _Use(
+        g.flatten(2).transpose(1, 2),
+        lambda rows: _patches(conv, a[rows]),
+        module.weight[0].numel(),
+    )
 
 
 def _patches(module: _ConvNd, a: torch.Tensor) -> torch.Tensor:
@@ -301,9 +304,9 @@ def _patches(module: _ConvNd, a: torch.Tensor) -> torch.Tensor:
 _CHUNK_ELEMENTS = 2**19
 
 
-def _weight_part(uses: list[_Use]) -> tuple[torch.Tensor, _Finish]:
-    """A weight's per-example squared norms ``(B,)`` and how to build its clipped sum
-    from the clip factors, all its uses together."""
+def _weight_part(uses: list[_Use], sq: torch.Tensor) -> _Finish:
+    """Add a weight's per-example squared norms to ``sq`` ``(B,)``, all its uses
+    together, and say how to build its clipped sum from the clip factors."""
     g = uses[0].g if len(uses) == 1 else torch.cat([u.g for u in uses], 1)
 
     def inputs(rows: slice) -> torch.Tensor:
@@ -312,25 +315,28 @@ def _weight_part(uses: list[_Use]) -> tuple[torch.Tensor, _Finish]:
         return torch.cat([u.inputs(rows) for u in uses], 1)
 
     b, t, o = g.shape
+    k = uses[0].width
     if t == 1:  # ghost norm, then one matrix product
         a2, g2 = inputs(slice(None))[:, 0], g[:, 0]
-        return _sq_rows(a2) * _sq_rows(g2), lambda c: (g2 * c[:, None]).T @ a2
-    a_first = inputs(slice(0, 1))
-    k = a_first.shape[2]
+        sq.addcmul_(_sq_rows(a2), _sq_rows(g2))
+        return lambda c: (g2 * c[:, None]).T @ a2
     if t * t * (k + o) < k * o:  # ghost norm through the Gram matrices
         a = inputs(slice(None))
         gram = torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
-        return gram.sum(dim=(1, 2)), lambda c: torch.einsum(
-            "bto,btk->ok", g * c[:, None, None], a
-        )
+        sq += gram.sum(dim=(1, 2))
+        return lambda c: torch.einsum("bto,btk->ok", g * c[:, None, None], a)
     per_example = torch.empty(b, o, k, dtype=g.dtype)
     step = max(1, _CHUNK_ELEMENTS // (t * k))
     for start in range(0, b, step):
         rows = slice(start, start + step)
         torch.bmm(g[rows].transpose(1, 2), inputs(rows), out=per_example[rows])
-    return _sq_rows(per_example.flatten(1)), lambda c: torch.tensordot(
-        c, per_example, dims=1
-    )
+    sq += _sq_rows(per_example.flatten(1))
+    return lambda c: torch.tensordot(c, per_example, dims=1)
+
+
+def _norm_dtype(out_grads: tuple[torch.Tensor | None, ...]) -> torch.dtype:
+    """The dtype of the output gradients (all alike), float32 if there are none."""
+    return next((g.dtype for g in out_grads if g is not None), torch.float32)
 
 
 def _as_parameter(summed: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
