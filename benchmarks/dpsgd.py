@@ -12,7 +12,9 @@ in the same run
 
 for plain SGD, veil's DP-SGD step with each engine (``ghost``: clipped sums from layer
 inputs and output gradients; ``functional``: per-example gradients with ``torch.func``;
-``ghost-secure``: ghost with noise from ``os.urandom``, the cost of ``secure_noise``)
+``ghost-secure``: ghost with noise from ``os.urandom``, the cost of ``secure_noise``;
+``ghost-clip-only``: ghost with noise multiplier 0, which is *not private* and is
+there only to separate the cost of clipping from the cost of drawing the noise)
 and, when Opacus is installed (``pip install -e '.[bench]'``), Opacus's
 grad-sample modes. It prints each variant's ratio to the plain step; veil's target is
 at most 1.3.
@@ -67,7 +69,12 @@ def plain_step(model: nn.Module) -> Step:
     return step
 
 
-def veil_step(model: nn.Module, engine: str, secure: bool = False) -> Step:
+def veil_step(
+    model: nn.Module,
+    engine: str,
+    secure: bool = False,
+    noise_multiplier: float = NOISE_MULTIPLIER,
+) -> Step:
     x, y = batch()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     params = dict(model.named_parameters())
@@ -81,7 +88,7 @@ def veil_step(model: nn.Module, engine: str, secure: bool = False) -> Step:
             x,
             y,
             clipping_norm=CLIPPING_NORM,
-            noise_multiplier=NOISE_MULTIPLIER,
+            noise_multiplier=noise_multiplier,
             expected_batch_size=float(BATCH),
             noise=noise,
             max_physical_batch=BATCH,
@@ -125,7 +132,13 @@ def opacus_step(model: nn.Module, mode: str) -> Step:
 
 
 def variants(opacus: bool) -> list[str]:
-    names = ["plain", "veil-ghost", "veil-ghost-secure", "veil-functional"]
+    names = [
+        "plain",
+        "veil-ghost",
+        "veil-ghost-secure",
+        "veil-ghost-clip-only",
+        "veil-functional",
+    ]
     return names + [f"opacus-{m}" for m in OPACUS_MODES] if opacus else names
 
 
@@ -136,6 +149,8 @@ def make_step(model_name: str, variant: str) -> Step:
         return plain_step(model)
     if variant == "veil-ghost-secure":
         return veil_step(model, "ghost", secure=True)
+    if variant == "veil-ghost-clip-only":  # noise_multiplier 0: not private
+        return veil_step(model, "ghost", noise_multiplier=0.0)
     if variant.startswith("veil-"):
         return veil_step(model, variant.removeprefix("veil-"))
     return opacus_step(model, variant.removeprefix("opacus-"))

@@ -88,6 +88,20 @@ class Gram(nn.Module):
         return self.head(torch.tanh(self.proj(x)).flatten(1))
 
 
+class NoGradBranch(nn.Module):
+    """A layer called once with gradients and once under torch.no_grad, with a
+    keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            fixed = self.layer(x)
+        return self.layer(input=torch.tanh(x)) * fixed
+
+
 def conv1d() -> nn.Module:
     return nn.Sequential(
         nn.Conv1d(3, 4, 3, padding=2, dilation=2),
@@ -111,6 +125,7 @@ CASES = {
     "conv1d": (conv1d, (3, 9), 3),
     "conv3d": (conv3d, (1, 3, 5, 5), 3),
     "gram": (Gram, (2, 16), 3),
+    "no-grad-branch": (NoGradBranch, (4,), 4),
     "tied": (tied, (4,), 4),
     "tied-conv": (TiedConv, (2, 6, 6), 4),
     "twice": (Twice, (4,), 4),

@@ -172,16 +172,21 @@ def _forward(
     calls: list[_Call] = []
 
     def hook(
-        module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
+        module: nn.Module,
+        args: tuple[torch.Tensor, ...],
+        kwargs: dict[str, torch.Tensor],
+        out: torch.Tensor,
     ) -> None:
-        calls.append(_Call(module, args[0], out))
+        if out.requires_grad:  # not under torch.no_grad
+            a = args[0] if args else next(iter(kwargs.values()))
+            calls.append(_Call(module, a, out))
 
     layers = [
         m
         for m in model.modules()
         if isinstance(m, _LAYERS) and any(id(p) in ids for p in m.parameters())
     ]
-    handles = [layer.register_forward_hook(hook) for layer in layers]
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
     try:
         with torch.enable_grad():
             total = loss_fn(model(x), y) * len(x)
