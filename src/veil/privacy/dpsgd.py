@@ -7,15 +7,17 @@ Given one logical batch (a Poisson sample of the data), :func:`noisy_gradient`
 2. scales each example's gradient, all trainable parameters taken together, to L2 norm
    at most ``clipping_norm``;
 
-   (for models made of Linear and Conv2d layers, the ``ghost`` engine of
-   :mod:`veil.privacy.ghost` does steps 1 and 2 without holding every per-example
-   gradient, for about the cost of a plain backward pass; ``engine="auto"`` picks it
-   whenever the model qualifies)
+   (for models whose trainable layers are Linear and Conv layers, the ``ghost``
+   engine of :mod:`veil.privacy.ghost` does steps 1 to 3 from one forward and one
+   backward pass, without a second backward pass or every per-example gradient;
+   ``engine="auto"`` picks it whenever the model qualifies)
 3. sums the clipped gradients over the whole logical batch;
 4. adds one draw of Gaussian noise with standard deviation
    ``noise_multiplier * clipping_norm`` to the sum;
 5. divides by the *expected* batch size ``sample_rate * N``, not the sampled one: the
-   sampled size depends on the data and would itself leak.
+   sampled size depends on the data and would itself leak. (In the code the division
+   is folded into the clip factors and the noise's standard deviation, which gives
+   the same average without another pass over the gradients.)
 
 Splitting into micro-batches changes neither the result (up to float rounding) nor the
 accounting: noise is added once per logical batch, and the ledger counts logical
@@ -112,8 +114,8 @@ def noisy_gradient(
             once, >= 1; default 256. Does not change the result.
         loss_fn: per-batch loss (mean over the batch), default cross-entropy.
         engine: how clipped gradients are computed: ``"functional"`` (per-example
-            gradients with ``torch.func``, any model), ``"ghost"`` (Linear and Conv2d
-            models only, faster, see :mod:`veil.privacy.ghost`) or ``"auto"``
+            gradients with ``torch.func``, any model), ``"ghost"`` (Linear and Conv
+            layers only, faster, see :mod:`veil.privacy.ghost`) or ``"auto"``
             (default: ghost when the model qualifies). Same result either way.
     """
     _check_step_args(clipping_norm, noise_multiplier, expected_batch_size)
