@@ -306,7 +306,7 @@ def _patches(module: _ConvNd, a: torch.Tensor) -> torch.Tensor:
 
 # Examples per chunk when per-example gradients are built: inputs of about this many
 # elements are unfolded and multiplied while they are still in cache.
-_CHUNK_ELEMENTS = 2**19
+_CHUNK_ELEMENTS = 2**18
 
 
 def _weight_part(uses: list[_Use], sq: torch.Tensor) -> _Finish:
