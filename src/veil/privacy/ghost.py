@@ -12,14 +12,17 @@ input is unfolded into patches), example ``i``'s weight gradient is ``g_i^T a_i`
 
 - for ``T = 1`` its squared norm is ``|g_i|^2 |a_i|^2`` (the "ghost norm"), and the
   clipped sum is one matrix product ``(c * g)^T a`` with the clip factors ``c``;
-- for ``T > 1`` the engine picks, per layer, the cheaper of two exact ways: the ghost
-  norm ``sum((a_i a_i^T) * (g_i g_i^T))`` (cost ``T^2 (in + out)`` per example) or
-  the per-example gradient itself (cost ``in * out``), as Opacus's "mixed ghost"
-  clipping does; the clipped sum is then a matrix product or a weighted sum.
+- for ``T > 1`` the engine picks, per layer, the cheaper of two exact ways (both
+  also spend ``T * in * out`` per example on one product): the ghost norm
+  ``sum((a_i a_i^T) * (g_i g_i^T))`` (``T^2 (in + out)`` more per example) or the
+  per-example gradient itself (``in * out`` more, in time and memory), as Opacus's
+  "mixed ghost" clipping does; the clipped sum is then a matrix product or a
+  weighted sum of the per-example gradients.
 
 A bias's per-example gradient is ``g_i`` summed over positions. No second backward
-pass through the network is needed, so the step costs about what a plain SGD step
-costs (measured in ``benchmarks/dpsgd.py``).
+pass through the network is needed: the step costs a plain forward and backward pass
+plus these products (``benchmarks/dpsgd.py`` measures it; per-example gradients of
+convolutions are built a cache-sized chunk of examples at a time).
 
 A parameter shared by several layers, or a layer that runs more than once in a
 forward pass, gets the sum of all its uses: their positions are stacked, which is
