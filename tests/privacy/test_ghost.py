@@ -202,13 +202,16 @@ def test_unsupported_models_are_named_and_auto_falls_back() -> None:
         clipped_sum(norm, x, y, torch.ones_like)
     with pytest.raises(PrivacyError, match="outside its layer's forward call"):
         clipped_sum(OutsideUse(), x, y, torch.ones_like)
+    in_place = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
+    with pytest.raises(PrivacyError, match="modified in place"):
+        clipped_sum(in_place, x, y, torch.ones_like)
     args = {
         "clipping_norm": 0.1,
         "noise_multiplier": 0.0,
         "expected_batch_size": 3.0,
         "noise": GeneratorNoise(torch.Generator()),
     }
-    for model in (norm, OutsideUse()):
+    for model in (norm, OutsideUse(), in_place):
         auto = noisy_gradient(model, x, y, **args)
         functional = noisy_gradient(model, x, y, engine="functional", **args)
         assert auto.grads.keys() == functional.grads.keys()

@@ -67,11 +67,13 @@ class GhostUnsupportedError(PrivacyError):
 
 @dataclass(frozen=True)
 class _Call:
-    """One call of a layer in the forward pass: its input and its output."""
+    """One call of a layer in the forward pass: its input and its output, and their
+    version counters then (an in-place change later would make both stale)."""
 
     module: nn.Module
     a: torch.Tensor
     out: torch.Tensor
+    versions: tuple[int, int]
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -143,6 +145,7 @@ def clipped_sum(
         )
     params = trainable_parameters(model)
     total, calls = _forward(model, x, y, loss_fn, {id(p) for p in params.values()})
+    _check_in_place(calls)
     _check_outside_uses(total, calls, {id(p): n for n, p in params.items()})
     out_grads = torch.autograd.grad(total, [c.out for c in calls], allow_unused=True)
     with torch.no_grad():
@@ -182,7 +185,7 @@ def _forward(
     ) -> None:
         if out.requires_grad:  # not under torch.no_grad
             a = args[0] if args else next(iter(kwargs.values()))
-            calls.append(_Call(module, a, out))
+            calls.append(_Call(module, a, out, (a._version, out._version)))
 
     layers = [
         m
@@ -197,6 +200,19 @@ def _forward(
         for h in handles:
             h.remove()
     return total, calls
+
+
+def _check_in_place(calls: list[_Call]) -> None:
+    """Refuse a forward pass that changed a layer's input or output in place after
+    the layer ran (``ReLU(inplace=True)``, say): the engine would read stale values."""
+    for c in calls:
+        if (c.a._version, c.out._version) != c.versions:
+            raise GhostUnsupportedError(
+                f"the input or output of a {type(c.module).__name__} layer is "
+                "modified in place later in the forward pass (e.g. "
+                "ReLU(inplace=True)), which the ghost engine cannot follow; use "
+                "inplace=False or engine='functional'"
+            )
 
 
 def _check_outside_uses(
