@@ -8,7 +8,7 @@ from torch import nn
 
 from veil.errors import PrivacyError
 from veil.models import build_model
-from veil.privacy import GeneratorNoise, noisy_gradient
+from veil.privacy import GeneratorNoise, ghost, noisy_gradient
 from veil.privacy.ghost import clipped_sum, supports, unsupported_reason
 
 
@@ -42,8 +42,93 @@ def frozen_weight() -> nn.Module:
     return model
 
 
+class Twice(nn.Module):
+    """One Linear layer applied twice in a forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+def tied() -> nn.Module:
+    """Two Linear layers sharing one weight, each with its own bias; the second
+    layer's bias frozen."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    model[2].bias.requires_grad_(False)
+    return model
+
+
+class TiedConv(nn.Module):
+    """One Conv2d applied at two strides, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 6 * 6 + 3 * 3 * 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fine = torch.tanh(self.conv(x))
+        coarse = self.conv(x[:, :, ::2, ::2])
+        return self.head(torch.cat([fine.flatten(1), coarse.flatten(1)], 1))
+
+
+class Gram(nn.Module):
+    """A Linear layer over 2 positions of 16 features: the Gram-matrix path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(x)).flatten(1))
+
+
+class NoGradBranch(nn.Module):
+    """A layer called once with gradients and once under torch.no_grad, with a
+    keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            fixed = self.layer(x)
+        return self.layer(input=torch.tanh(x)) * fixed
+
+
+def conv1d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(3, 4, 3, padding=2, dilation=2),
+        nn.ReLU(),
+        nn.Conv1d(4, 2, 2, stride=2),
+        nn.Flatten(),
+        nn.Linear(2 * 4, 3),
+    )
+
+
+def conv3d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(1, 2, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 3 * 3, 3),
+    )
+
+
 CASES = {
     "frozen-weight": (frozen_weight, (5,), 3),
+    "conv1d": (conv1d, (3, 9), 3),
+    "conv3d": (conv3d, (1, 3, 5, 5), 3),
+    "gram": (Gram, (2, 16), 3),
+    "no-grad-branch": (NoGradBranch, (4,), 4),
+    "tied": (tied, (4,), 4),
+    "tied-conv": (TiedConv, (2, 6, 6), 4),
+    "twice": (Twice, (4,), 4),
     "tanh-cnn": (lambda: build_model("tanh-cnn"), (1, 28, 28), 10),
     "2nn": (lambda: build_model("2nn"), (1, 28, 28), 10),
     "sequence": (Sequence, (4, 5), 3),
@@ -78,10 +163,12 @@ def test_ghost_equals_functional(case: str, clipping_norm: float) -> None:
     for name, g in functional.grads.items():
         torch.testing.assert_close(ghost.grads[name], g, rtol=1e-4, atol=1e-6)
     assert ghost.clipped == functional.clipped
+    assert ghost.clipped == (9 if clipping_norm < 1 else 0)
     assert ghost.loss_sum == pytest.approx(functional.loss_sum, rel=1e-5)
 
 
-def test_clip_sees_the_true_per_example_norms() -> None:
+def test_clip_sees_the_true_per_example_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ghost, "_CHUNK_ELEMENTS", 2000)  # several chunks per layer
     torch.manual_seed(2)
     model = build_model("tanh-cnn")
     x, y = torch.randn(5, 1, 28, 28), torch.randint(0, 10, (5,))
@@ -94,45 +181,39 @@ def test_clip_sees_the_true_per_example_norms() -> None:
         assert float(seen[0][i]) == pytest.approx(float(norm), rel=1e-4)
 
 
-class Twice(nn.Module):
+class OutsideUse(nn.Module):
+    """Uses its layer's weight a second time outside the layer's own call."""
+
     def __init__(self) -> None:
         super().__init__()
         self.layer = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(torch.tanh(self.layer(x)))
+        return self.layer(x) + x @ self.layer.weight
 
 
 def test_unsupported_models_are_named_and_auto_falls_back() -> None:
-    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    tied[1].weight = tied[0].weight
     norm = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4))
-    assert "shared with 0.weight" in (unsupported_reason(tied) or "")
+    grouped = nn.Sequential(nn.Conv1d(2, 2, 1, groups=2), nn.Flatten())
     assert "GroupNorm" in (unsupported_reason(norm) or "")
+    assert "groups" in (unsupported_reason(grouped) or "")
     x, y = torch.randn(3, 4), torch.randint(0, 4, (3,))
-    for model in (tied, norm):
-        with pytest.raises(PrivacyError, match="engine='functional'"):
-            clipped_sum(model, x, y, torch.ones_like)
-        auto = noisy_gradient(
-            model,
-            x,
-            y,
-            clipping_norm=1.0,
-            noise_multiplier=0.0,
-            expected_batch_size=3.0,
-            noise=GeneratorNoise(torch.Generator()),
-        )
-        assert auto.batch_size == 3
-    twice = Twice()
-    with pytest.raises(PrivacyError, match="runs twice"):
-        clipped_sum(twice, x, y, torch.ones_like)
+    with pytest.raises(PrivacyError, match="engine='functional'"):
+        clipped_sum(norm, x, y, torch.ones_like)
+    with pytest.raises(PrivacyError, match="outside its layer's forward call"):
+        clipped_sum(OutsideUse(), x, y, torch.ones_like)
+    in_place = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
+    with pytest.raises(PrivacyError, match="modified in place"):
+        clipped_sum(in_place, x, y, torch.ones_like)
     args = {
         "clipping_norm": 0.1,
         "noise_multiplier": 0.0,
         "expected_batch_size": 3.0,
         "noise": GeneratorNoise(torch.Generator()),
     }
-    auto = noisy_gradient(twice, x, y, **args)
-    functional = noisy_gradient(twice, x, y, engine="functional", **args)
-    for name, g in functional.grads.items():
-        torch.testing.assert_close(auto.grads[name], g)
+    for model in (norm, OutsideUse(), in_place):
+        auto = noisy_gradient(model, x, y, **args)
+        functional = noisy_gradient(model, x, y, engine="functional", **args)
+        assert auto.grads.keys() == functional.grads.keys()
+        for name, g in functional.grads.items():
+            torch.testing.assert_close(auto.grads[name], g)

@@ -7,15 +7,17 @@ Given one logical batch (a Poisson sample of the data), :func:`noisy_gradient`
 2. scales each example's gradient, all trainable parameters taken together, to L2 norm
    at most ``clipping_norm``;
 
-   (for models made of Linear and Conv2d layers, the ``ghost`` engine of
-   :mod:`veil.privacy.ghost` does steps 1 and 2 without holding every per-example
-   gradient, for about the cost of a plain backward pass; ``engine="auto"`` picks it
-   whenever the model qualifies)
+   (for models whose trainable layers are Linear and Conv layers, the ``ghost``
+   engine of :mod:`veil.privacy.ghost` does steps 1 to 3 from one forward and one
+   backward pass, without a second backward pass or every per-example gradient;
+   ``engine="auto"`` picks it whenever the model qualifies)
 3. sums the clipped gradients over the whole logical batch;
 4. adds one draw of Gaussian noise with standard deviation
    ``noise_multiplier * clipping_norm`` to the sum;
 5. divides by the *expected* batch size ``sample_rate * N``, not the sampled one: the
-   sampled size depends on the data and would itself leak.
+   sampled size depends on the data and would itself leak. (In the code the division
+   is folded into the clip factors and the noise's standard deviation, which gives
+   the same average without another pass over the gradients.)
 
 Splitting into micro-batches changes neither the result (up to float rounding) nor the
 accounting: noise is added once per logical batch, and the ledger counts logical
@@ -112,8 +114,8 @@ def noisy_gradient(
             once, >= 1; default 256. Does not change the result.
         loss_fn: per-batch loss (mean over the batch), default cross-entropy.
         engine: how clipped gradients are computed: ``"functional"`` (per-example
-            gradients with ``torch.func``, any model), ``"ghost"`` (Linear and Conv2d
-            models only, faster, see :mod:`veil.privacy.ghost`) or ``"auto"``
+            gradients with ``torch.func``, any model), ``"ghost"`` (Linear and Conv
+            layers only, faster, see :mod:`veil.privacy.ghost`) or ``"auto"``
             (default: ghost when the model qualifies). Same result either way.
     """
     _check_step_args(clipping_norm, noise_multiplier, expected_batch_size)
@@ -127,7 +129,10 @@ def noisy_gradient(
     params = trainable_parameters(model)
     if not params:
         raise PrivacyError("model has no trainable parameters (requires_grad=True)")
-    sums = {n: torch.zeros_like(p, dtype=p.dtype) for n, p in params.items()}
+    # The clip factors carry the division by the expected batch size, so the sums
+    # come out averaged; the noise is scaled to match.
+    scale = 1.0 / expected_batch_size
+    sums = {n: torch.zeros_like(p) for n, p in params.items()} if len(x) == 0 else {}
     loss_sum = torch.zeros((), dtype=torch.float64)
     clipped = 0
 
@@ -138,19 +143,19 @@ def noisy_gradient(
             y[start : start + max_physical_batch],
         )
         parts, norms, losses = _clipped_sum(
-            model, xb, yb, clipping_norm, loss_fn, engine
+            model, xb, yb, clipping_norm, scale, loss_fn, engine
         )
         for name, g in parts.items():
-            sums[name].add_(g)
+            sums[name] = sums[name].add_(g) if name in sums else g
         clipped += int((norms > clipping_norm).sum())
         loss_sum += losses.sum().to(torch.float64)
 
-    # Noise once per logical batch, then average over the expected batch size.
-    std = noise_multiplier * clipping_norm
-    for total in sums.values():
-        if std > 0:
+    # Noise once per logical batch: N(0, (noise_multiplier * clipping_norm)^2) on
+    # the sum, so divided by the expected batch size on the average.
+    std = noise_multiplier * clipping_norm * scale
+    if std > 0:
+        for total in sums.values():
             total.add_(noise.normal(total.shape, std, total.dtype))
-        total.div_(expected_batch_size)
     return NoisyGradient(sums, len(x), float(loss_sum), clipped)
 
 
@@ -159,23 +164,27 @@ def _clipped_sum(
     x: torch.Tensor,
     y: torch.Tensor,
     clipping_norm: float,
+    scale: float,
     loss_fn: LossFn,
     engine: str,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Clipped gradient sum, per-example norms and loss sum of one micro-batch."""
+    """Clipped gradient sum times ``scale``, per-example norms and loss sum of one
+    micro-batch."""
+
+    def factors(norms: torch.Tensor) -> torch.Tensor:
+        return clip_factors(norms, clipping_norm).mul_(scale)
+
     if engine in ("ghost", "auto"):
         try:
-            return clipped_sum(
-                model, x, y, lambda norms: clip_factors(norms, clipping_norm), loss_fn
-            )
+            return clipped_sum(model, x, y, factors, loss_fn)
         except GhostUnsupportedError:
             if engine == "ghost":
                 raise
     grads, losses = per_example_gradients(model, x, y, loss_fn)
     flat = [g.reshape(len(x), -1) for g in grads.values()]
     norms = torch.linalg.vector_norm(torch.cat(flat, dim=1), dim=1)
-    factors = clip_factors(norms, clipping_norm)
-    parts = {name: torch.tensordot(factors, g, dims=1) for name, g in grads.items()}
+    c = factors(norms)
+    parts = {name: torch.tensordot(c, g, dims=1) for name, g in grads.items()}
     return parts, norms, losses.sum()
 
 

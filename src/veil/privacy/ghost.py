@@ -1,69 +1,108 @@
-"""A faster clipped sum for models made of Linear and Conv2d layers ("ghost" engine).
+"""A fast clipped sum for models made of Linear and Conv layers ("ghost" engine).
 
 The DP-SGD step needs each example's gradient *norm* and the *sum* of the clipped
-gradients, not the per-example gradients themselves. For a linear layer ``out = a W^T +
-b`` the gradient of example ``i`` is the outer product ``g_i a_i^T`` of the gradient
-``g_i`` of its output and its input ``a_i``, so
+gradients, not the per-example gradients themselves. This engine gets both from one
+forward and one backward pass ("book-keeping", Bu et al. 2023): forward hooks keep
+each layer's input ``a``; the backward pass asks autograd only for the gradients
+``g`` of the layers' outputs (so no parameter gradient is ever computed); and every
+weight's per-example gradient is a product of the two. Written with ``T`` positions
+per example (``T = 1`` for a Linear on ``(B, in)`` inputs, the sequence length for
+a Linear on ``(B, T, in)``, the number of output pixels for a convolution, whose
+input is unfolded into patches), example ``i``'s weight gradient is ``g_i^T a_i``, so
 
-- its squared norm is ``|g_i|^2 |a_i|^2`` (plus ``|g_i|^2`` for the bias), and
-- the clipped sum is ``(c * g)^T a``, one matrix product with the clip factors ``c``,
+- for ``T = 1`` its squared norm is ``|g_i|^2 |a_i|^2`` (the "ghost norm"), and the
+  clipped sum is one matrix product ``(c * g)^T a`` with the clip factors ``c``;
+- for ``T > 1`` the engine picks, per layer, the cheaper of two exact ways (both
+  also spend ``T * in * out`` per example on one product): the ghost norm
+  ``sum((a_i a_i^T) * (g_i g_i^T))`` (``T^2 (in + out)`` more per example) or the
+  per-example gradient itself (``in * out`` more, in time and memory), as Opacus's
+  "mixed ghost" clipping does; the clipped sum is then a matrix product or a
+  weighted sum of the per-example gradients.
 
-which costs about what the ordinary backward pass costs, where materialising every
-per-example gradient (:mod:`veil.privacy.grad_sample`) costs ``B`` times the model's
-size in memory (Goodfellow 2015; Li et al. 2022; Bu et al. 2023). Conv2d layers are
-unfolded into the same form; their per-example weight gradients are materialised
-(they are small) and their norms taken directly.
+A bias's per-example gradient is ``g_i`` summed over positions. No second backward
+pass through the network is needed: the step costs a plain forward and backward pass
+plus these products (``benchmarks/dpsgd.py`` measures it; per-example gradients of
+convolutions are built a cache-sized chunk of examples at a time).
 
-This engine sees the layers through forward hooks, so it only accepts models in which
-every trainable parameter belongs to a ``Linear`` or ``Conv2d`` (groups 1, zero
-padding) that runs once per forward pass, and no parameter is shared between layers.
-:func:`supports` says whether a model qualifies; the DP-SGD step uses this engine when
-it does and ``engine="auto"`` (also when a layer turns out to run twice), and the
-``torch.func`` engine otherwise. Both give the
-same clipped sum up to float rounding (a test holds them to it).
+A parameter shared by several layers, or a layer that runs more than once in a
+forward pass, gets the sum of all its uses: their positions are stacked, which is
+exact because the per-example gradient is then ``sum_u g_u^T a_u``. Frozen
+parameters (``requires_grad=False``) get nothing.
+
+Limits: every trainable parameter must be the weight or bias of a ``Linear``,
+``Conv1d``, ``Conv2d`` or ``Conv3d`` (groups 1, numeric padding, zero padding mode),
+and the model may not use one of those parameters outside the layer's own call (a
+check on the autograd graph catches that every step). :func:`unsupported_reason` says
+why a model does not qualify; ``engine="auto"`` in the DP-SGD step then uses the
+``torch.func`` engine (:mod:`veil.privacy.grad_sample`), which handles any model.
+Both give the same clipped sum up to float rounding (tests hold them to it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.conv import _ConvNd
 
 from veil.errors import PrivacyError
 from veil.privacy.grad_sample import LossFn, check_model, trainable_parameters
 
 __all__ = ["GhostUnsupportedError", "clipped_sum", "supports", "unsupported_reason"]
 
-_Layer = nn.Linear | nn.Conv2d
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# Per-example clipped-sum builder: clip factors (B,) -> summed gradient (out, in).
+_Finish = Callable[[torch.Tensor], torch.Tensor]
 
 
 class GhostUnsupportedError(PrivacyError):
     """The ghost engine cannot handle this model; the functional engine can."""
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One call of a layer in the forward pass: its input and its output, and their
+    version counters then (an in-place change later would make both stale)."""
+
+    module: nn.Module
+    a: torch.Tensor
+    out: torch.Tensor
+    versions: tuple[int, int]
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the ghost engine cannot handle ``model``, or ``None`` if it can."""
-    owners: dict[int, str] = {}
+    roles: dict[int, tuple[str, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            if not isinstance(module, _Layer):
+            if not isinstance(module, _LAYERS):
                 return (
                     f"trainable parameter {name}.{pname} belongs to a "
-                    f"{type(module).__name__}, not a Linear or Conv2d"
+                    f"{type(module).__name__}, not a Linear or Conv layer"
                 )
-            if id(p) in owners:
-                return f"parameter {name}.{pname} is shared with {owners[id(p)]}"
-            owners[id(p)] = f"{name}.{pname}"
-        if isinstance(module, nn.Conv2d) and (
+            role = (f"{type(module).__name__}.{pname}", f"{name}.{pname}")
+            if roles.setdefault(id(p), role)[0] != role[0]:
+                return (
+                    f"parameter {name}.{pname} is shared with {roles[id(p)][1]} in a "
+                    "different role"
+                )
+        if isinstance(module, _ConvNd) and (
             module.groups != 1
             or module.padding_mode != "zeros"
             or isinstance(module.padding, str)
         ):
-            return f"Conv2d {name} uses groups, string padding or a padding mode"
+            return (
+                f"{type(module).__name__} {name} uses groups, string padding or a "
+                "padding mode"
+            )
     return None
 
 
@@ -90,8 +129,12 @@ def clipped_sum(
         loss_fn: batch-mean loss, default cross-entropy.
 
     Returns:
-        ``(sums, norms, loss_sum)``: the clipped sum per trainable parameter name, the
-        per-example gradient norms ``(B,)``, and the summed loss (a scalar tensor).
+        ``(sums, norms, loss_sum)``: the clipped sum per trainable parameter name
+        (shaped like the parameter), the per-example gradient norms ``(B,)``, and the
+        summed loss (a scalar tensor).
+
+    Raises:
+        GhostUnsupportedError: the model does not qualify (see the module docstring).
     """
     check_model(model)
     reason = unsupported_reason(model)
@@ -100,112 +143,234 @@ def clipped_sum(
             f"the ghost engine cannot handle this model ({reason}); use "
             "engine='functional'"
         )
-    names = {id(p): n for n, p in trainable_parameters(model).items()}
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, _Layer) and any(id(p) in names for p in m.parameters())
-    ]
-    seen: dict[_Layer, tuple[torch.Tensor, torch.Tensor]] = {}
+    params = trainable_parameters(model)
+    total, calls = _forward(model, x, y, loss_fn, {id(p) for p in params.values()})
+    _check_in_place(calls)
+    _check_outside_uses(total, calls, {id(p): n for n, p in params.items()})
+    out_grads = torch.autograd.grad(total, [c.out for c in calls], allow_unused=True)
+    with torch.no_grad():
+        weights, biases = _uses(calls, out_grads)
 
-    def hook(
-        module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
-    ) -> None:
-        if module in seen:
-            raise GhostUnsupportedError(
-                f"layer {type(module).__name__} runs twice in one forward pass; use "
-                "engine='functional'"
-            )
-        assert isinstance(module, _Layer)
-        seen[module] = (args[0].detach(), out)
+        # Per-example squared norms, parameter by parameter.
+        sq = torch.zeros(len(x), dtype=_norm_dtype(out_grads))
+        finishers = {pid: _weight_part(uses, sq) for pid, uses in weights.items()}
+        for g in biases.values():
+            sq += _sq_rows(g)
+        norms = sq.sqrt_()
+        factors = clip(norms)
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    try:
-        total = loss_fn(model(x), y) * len(x)
-    finally:
-        for h in handles:
-            h.remove()
-    used = [m for m in layers if m in seen]
-    outputs = [seen[m][1] for m in used]
-    out_grads = torch.autograd.grad(total, outputs, allow_unused=True)
-
-    # Per-example squared norms, layer by layer.
-    parts: list[tuple[_Layer, torch.Tensor, torch.Tensor | None]] = []
-    sq = torch.zeros(len(x), dtype=torch.float64)
-    for module, g in zip(used, out_grads, strict=True):
-        if g is None:
-            continue
-        a = seen[module][0]
-        weight_part, g2 = _layer_parts(module, a, g)
-        parts.append((module, g2, weight_part))
-        sq += _layer_sq_norms(module, a, g2, weight_part)
-    norms = sq.sqrt().to(x.dtype if x.is_floating_point() else torch.float32)
-    factors = clip(norms)
-
-    # Clipped sums.
-    sums = {n: torch.zeros_like(p) for n, p in trainable_parameters(model).items()}
-    for module, g2, per_example in parts:
-        a = seen[module][0]
-        w, b = module.weight, module.bias
-        if w.requires_grad:
-            if per_example is None:  # 2-D Linear: one matrix product
-                sums[names[id(w)]] += (factors[:, None] * g2).T @ a
-            else:
-                summed = torch.tensordot(factors, per_example, dims=1)
-                sums[names[id(w)]] += summed.view_as(w)
-        if b is not None and b.requires_grad:
-            sums[names[id(b)]] += factors @ _bias_rows(module, g2)
+        # Clipped sums.
+        sums: dict[str, torch.Tensor] = {}
+        for name, p in params.items():
+            if id(p) in finishers:
+                sums[name] = _as_parameter(finishers[id(p)](factors), p)
+            elif id(p) in biases:
+                sums[name] = factors @ biases[id(p)]
+            else:  # unused in this forward pass: a zero gradient
+                sums[name] = torch.zeros_like(p)
     return sums, norms, total.detach()
 
 
-def _layer_parts(
-    module: nn.Module, a: torch.Tensor, g: torch.Tensor
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``(per-example weight gradients or None, output gradients)`` of one layer."""
+def _forward(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, ids: set[int]
+) -> tuple[torch.Tensor, list[_Call]]:
+    """The summed loss, and every call of a layer that holds a trainable parameter."""
+    calls: list[_Call] = []
+
+    def hook(
+        module: nn.Module,
+        args: tuple[torch.Tensor, ...],
+        kwargs: dict[str, torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        if out.requires_grad:  # not under torch.no_grad
+            a = args[0] if args else next(iter(kwargs.values()))
+            calls.append(_Call(module, a, out, (a._version, out._version)))
+
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, _LAYERS) and any(id(p) in ids for p in m.parameters())
+    ]
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        with torch.enable_grad():
+            total = loss_fn(model(x), y) * len(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total, calls
+
+
+def _check_in_place(calls: list[_Call]) -> None:
+    """Refuse a forward pass that changed a layer's input or output in place after
+    the layer ran (``ReLU(inplace=True)``, say): the engine would read stale values."""
+    for c in calls:
+        if (c.a._version, c.out._version) != c.versions:
+            raise GhostUnsupportedError(
+                f"the input or output of a {type(c.module).__name__} layer is "
+                "modified in place later in the forward pass (e.g. "
+                "ReLU(inplace=True)), which the ghost engine cannot follow; use "
+                "inplace=False or engine='functional'"
+            )
+
+
+def _check_outside_uses(
+    total: torch.Tensor, calls: list[_Call], names: dict[int, str]
+) -> None:
+    """Refuse a trainable parameter that the loss uses outside a recorded layer call.
+
+    Walks the autograd graph from the loss, jumping over each recorded call (from its
+    output straight to its input), and fails on any trainable parameter it still
+    reaches: that use would be missing from the clipped sum.
+    """
+    jumps: dict[object, list[object]] = {}
+    for c in calls:
+        jumps.setdefault(c.out.grad_fn, []).append(c.a.grad_fn)
+    stack: list[object] = [total.grad_fn]
+    seen: set[object] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in jumps:
+            stack.extend(jumps[node])
+            continue
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in names:
+            raise GhostUnsupportedError(
+                f"trainable parameter {names[id(variable)]} is used outside its "
+                "layer's forward call, which the ghost engine cannot see; use "
+                "engine='functional'"
+            )
+        stack.extend(f for f, _ in node.next_functions)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _Use:
+    """One use of a weight: output gradients ``(B, T, out)`` and a way to get the
+    matching inputs ``(n, T, in)`` of any slice of the examples."""
+
+    g: torch.Tensor
+    inputs: Callable[[slice], torch.Tensor]
+    width: int
+
+
+def _uses(
+    calls: list[_Call], out_grads: tuple[torch.Tensor | None, ...]
+) -> tuple[dict[int, list[_Use]], dict[int, torch.Tensor]]:
+    """Each trainable weight's uses and each trainable bias's per-example gradient
+    ``(B, out)`` (summed over uses and positions), keyed by parameter id."""
+    weights: dict[int, list[_Use]] = {}
+    biases: dict[int, torch.Tensor] = {}
+    for call, g in zip(calls, out_grads, strict=True):
+        if g is None:
+            continue
+        use = _use(call.module, call.a.detach(), g)
+        w, b = call.module.weight, call.module.bias
+        if isinstance(w, torch.Tensor) and w.requires_grad:
+            weights.setdefault(id(w), []).append(use)
+        if isinstance(b, torch.Tensor) and b.requires_grad:
+            row = use.g[:, 0] if use.g.shape[1] == 1 else use.g.sum(dim=1)
+            biases[id(b)] = biases[id(b)] + row if id(b) in biases else row
+    return weights, biases
+
+
+def _use(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> _Use:
+    """A layer call's output gradients and inputs as positions."""
     if isinstance(module, nn.Linear):
-        if a.dim() == 2:
-            return None, g
-        a3, g3 = a.flatten(1, -2), g.flatten(1, -2)
-        return torch.einsum("bto,bti->boi", g3, a3), g3
-    assert isinstance(module, nn.Conv2d)
-    unfolded = F.unfold(
-        a,
-        module.kernel_size,
-        dilation=module.dilation,
-        padding=module.padding,  # type: ignore[arg-type]
-        stride=module.stride,
+        a3 = a.reshape(len(a), -1, a.shape[-1])
+        g3 = g.reshape(len(g), -1, g.shape[-1])
+        return _Use(g3, a3.__getitem__, a.shape[-1])
+    assert isinstance(module, _ConvNd)
+    conv = module
+    return _Use(
+        g.flatten(2).transpose(1, 2),
+        lambda rows: _patches(conv, a[rows]),
+        module.weight[0].numel(),
     )
-    g3 = g.flatten(2)
-    return torch.bmm(g3, unfolded.transpose(1, 2)), g3
 
 
-def _bias_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """Each example's bias gradient, shape ``(B, out)``, from the output gradients as
-    :func:`_layer_parts` shapes them: ``(B, out)`` or ``(B, T, out)`` for Linear,
-    ``(B, out, L)`` for Conv2d."""
-    if g.dim() == 2:
-        return g
-    return g.sum(dim=2) if isinstance(module, nn.Conv2d) else g.sum(dim=1)
+def _patches(module: _ConvNd, a: torch.Tensor) -> torch.Tensor:
+    """The convolution's input patches, ``(B, positions, kernel * in_channels)``.
+
+    Each patch is laid out kernel position first, channel last (channels-last), which
+    :func:`_as_parameter` undoes; built with one strided copy instead of ``unfold``.
+    """
+    n = a.dim() - 2
+    padding = cast(tuple[int, ...], module.padding)  # numeric: checked up front
+    pad = [p for p in reversed(padding) for _ in (0, 1)]
+    if any(pad):
+        a = F.pad(a, pad)
+    a = a.movedim(1, -1).contiguous()  # (B, *spatial, C)
+    spatial = a.shape[1:-1]
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    out = [
+        (spatial[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+        for d in range(n)
+    ]
+    st = a.stride()
+    view = a.as_strided(
+        (len(a), *out, *kernel, a.shape[-1]),
+        (
+            st[0],
+            *(st[1 + d] * stride[d] for d in range(n)),
+            *(st[1 + d] * dilation[d] for d in range(n)),
+            st[-1],
+        ),
+    )
+    return view.reshape(len(a), math.prod(out), -1)
 
 
-def _layer_sq_norms(
-    module: nn.Module,
-    a: torch.Tensor,
-    g: torch.Tensor,
-    per_example: torch.Tensor | None,
-) -> torch.Tensor:
-    """Each example's squared gradient norm over the layer's trainable parameters."""
-    total = torch.zeros(len(a), dtype=torch.float64)
-    w, b = module.weight, module.bias
-    assert isinstance(w, torch.Tensor)
-    if w.requires_grad:
-        if per_example is None:
-            total += (_sq_rows(g) * _sq_rows(a)).double()
-        else:
-            total += _sq_rows(per_example.flatten(1)).double()
-    if b is not None and b.requires_grad:
-        total += _sq_rows(_bias_rows(module, g)).double()
-    return total
+# Examples per chunk when per-example gradients are built: inputs of about this many
+# elements are unfolded and multiplied while they are still in cache.
+_CHUNK_ELEMENTS = 2**18
+
+
+def _weight_part(uses: list[_Use], sq: torch.Tensor) -> _Finish:
+    """Add a weight's per-example squared norms to ``sq`` ``(B,)``, all its uses
+    together, and say how to build its clipped sum from the clip factors."""
+    g = uses[0].g if len(uses) == 1 else torch.cat([u.g for u in uses], 1)
+
+    def inputs(rows: slice) -> torch.Tensor:
+        if len(uses) == 1:
+            return uses[0].inputs(rows)
+        return torch.cat([u.inputs(rows) for u in uses], 1)
+
+    b, t, o = g.shape
+    k = uses[0].width
+    if t == 1:  # ghost norm, then one matrix product
+        a2, g2 = inputs(slice(None))[:, 0], g[:, 0]
+        sq.addcmul_(_sq_rows(a2), _sq_rows(g2))
+        return lambda c: (g2 * c[:, None]).T @ a2
+    if t * t * (k + o) < k * o:  # ghost norm through the Gram matrices
+        a = inputs(slice(None))
+        gram = torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
+        sq += gram.sum(dim=(1, 2))
+        return lambda c: torch.einsum("bto,btk->ok", g * c[:, None, None], a)
+    per_example = torch.empty(b, o, k, dtype=g.dtype)
+    step = max(1, _CHUNK_ELEMENTS // (t * k))
+    for start in range(0, b, step):
+        rows = slice(start, start + step)
+        torch.bmm(g[rows].transpose(1, 2), inputs(rows), out=per_example[rows])
+    sq += _sq_rows(per_example.flatten(1))
+    return lambda c: torch.tensordot(c, per_example, dims=1)
+
+
+def _norm_dtype(out_grads: tuple[torch.Tensor | None, ...]) -> torch.dtype:
+    """The dtype of the output gradients (all alike), float32 if there are none."""
+    return next((g.dtype for g in out_grads if g is not None), torch.float32)
+
+
+def _as_parameter(summed: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A weight's ``(out, in)`` sum in the parameter's shape (undoing the
+    channels-last patch layout for convolutions)."""
+    if p.dim() == 2:
+        return summed
+    kernel = p.shape[2:]
+    moved = summed.reshape(p.shape[0], *kernel, p.shape[1])
+    return moved.movedim(-1, 1).contiguous()
 
 
 def _sq_rows(t: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,8 @@ class GeneratorNoise:
     def normal(self, shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` with i.i.d. N(0, ``std``**2) entries."""
         _warn_once()
-        noise = torch.randn(shape, generator=self.generator, dtype=dtype)
-        return noise.mul_(std)
+        noise = torch.empty(shape, dtype=dtype)
+        return noise.normal_(0.0, std, generator=self.generator)
 
 
 class SecureNoise:
