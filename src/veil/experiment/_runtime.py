@@ -3,7 +3,8 @@
 ``simulation`` runs every client in this process; ``ray`` runs each client's local
 work as a Ray task (``[ray]`` section). Methods ask :func:`open_runtime` for a runtime
 and use it as a context manager, so a local Ray started for a method is stopped when
-the method ends, even when it fails.
+the method ends, even when it fails. Both runtimes run rounds (FedAvg and the
+methods built on it) and turns (DSSGD).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from veil.data import Dataset
 from veil.experiment.config import ExperimentConfig
 from veil.models import build_model
-from veil.runtime import Runtime, SimulationRuntime
+from veil.runtime import RayRuntime, SimulationRuntime
 
 __all__ = ["open_runtime"]
 
@@ -25,15 +26,13 @@ __all__ = ["open_runtime"]
 @contextmanager
 def open_runtime(
     config: ExperimentConfig, train: Dataset, client_indices: Sequence[np.ndarray]
-) -> Iterator[Runtime]:
+) -> Iterator[SimulationRuntime | RayRuntime]:
     """The runtime ``config.runtime`` names, holding ``train`` split by
     ``client_indices``; closed on exit."""
     model_fn = functools.partial(build_model, config.model.name)
     if config.runtime == "simulation":
         yield SimulationRuntime(model_fn, train, client_indices)
         return
-    from veil.runtime.ray_runtime import RayRuntime
-
     r = config.ray
     memory = None if r.memory_per_client_mb is None else r.memory_per_client_mb << 20
     runtime = RayRuntime(

@@ -387,6 +387,20 @@ class ExperimentConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _async_dssgd_in_simulation(self) -> ExperimentConfig:
+        if (
+            "dssgd" in self.methods
+            and self.dssgd.order == "async"
+            and self.runtime != "simulation"
+        ):
+            raise ValueError(
+                "dssgd.order 'async' runs only with runtime = 'simulation' (its "
+                "turns interleave differently in every run, so no other runtime "
+                "could reproduce it); choose order = 'round_robin' or 'random'"
+            )
+        return self
+
     _safe_name = field_validator("name")(check_name)
 
 
