@@ -8,17 +8,23 @@ fresh process, so its peak memory is its own:
   framework-free baseline);
 - ``simulation``: veil's ``SimulationRuntime``;
 - ``ray``: veil's ``RayRuntime`` on a local Ray (all of this machine's CPUs);
+- ``flower``: Flower's simulation of the same task (``benchmarks/flower_task.py``),
+  when Flower is installed (``pip install -e '.[bench]'``), on its own local Ray
+  with one CPU per client, as many CPUs as veil's Ray.
 
 It prints seconds per round (the median of the timed rounds, after one warm-up round)
 and peak resident memory of the whole process tree (Ray's workers and object store
-included), and each variant's ratios to ``bare`` measured in the same run.
+included), and each variant's ratios to ``bare`` and to ``flower`` measured in the
+same run. With ``--repeat N`` every variant runs N times, interleaved, and the best
+time and lowest peak are kept (the machine may be shared).
 
-    python benchmarks/scale.py [--clients 100 1000 10000] [--rounds 5]
+    python benchmarks/scale.py [--clients 100 1000 10000] [--rounds 5] [--repeat 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -33,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("bare", "simulation", "ray")
+VARIANTS = ("bare", "simulation", "ray", "flower")
+HERE = Path(__file__).resolve().parent
 LR, BATCH = 0.1, 10
 
 
@@ -120,6 +127,16 @@ def child(
 
     sampler = PeakSampler()
     sampler.start()
+    if variant == "flower":
+        from flower_task import run_flower
+
+        cpus = os.cpu_count() or 1
+        seconds = run_flower(clients, per_round, rounds + 1, cpus)
+        peak = sampler.stop()
+        print(
+            json.dumps({"seconds": statistics.median(seconds[1:]), "peak_bytes": peak})
+        )
+        return
     torch.manual_seed(0)
     data = load_mnist()
     parts = iid(len(data.train), clients, np.random.default_rng(0))
@@ -167,13 +184,34 @@ def measure(
 ) -> dict:
     command = [sys.executable, __file__, "--child", variant, str(clients)]
     command += [str(per_round), "--rounds", str(rounds), "--threads", str(threads)]
-    out = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    # Flower's Ray actors import flower_task from this folder.
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "FLWR_TELEMETRY_ENABLED": "0"}
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{variant} at {clients} clients failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def best_of(
+    variants: list[str], clients: int, per_round: int, args: argparse.Namespace
+) -> dict[str, dict]:
+    """Each variant ``args.repeat`` times, interleaved: best time, lowest peak."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(args.repeat):
+        for v in variants:
+            runs[v].append(measure(v, clients, per_round, args.rounds, args.threads))
+    return {
+        v: {
+            "seconds": min(r["seconds"] for r in rs),
+            "peak_bytes": min(r["peak_bytes"] for r in rs),
+        }
+        for v, rs in runs.items()
+    }
+
+
+def _ratio(a: dict | None, b: dict | None, key: str) -> float:
+    return a[key] / b[key] if a and b else float("nan")
 
 
 def main() -> None:
@@ -184,6 +222,7 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads per process/task"
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per variant")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -191,28 +230,34 @@ def main() -> None:
         child(variant, int(clients), int(per_round), args.rounds, args.threads)
         return
 
+    variants = list(args.variants)
+    if "flower" in variants and importlib.util.find_spec("flwr") is None:
+        print("flower: not installed (pip install -e '.[bench]'); left out")
+        variants.remove("flower")
     print(
         f"tanh-cnn, full MNIST, E=1, B={BATCH}, {os.cpu_count()} CPUs, "
-        f"{args.threads} torch thread(s) per process or Ray task"
+        f"{args.threads} torch thread(s) per process or Ray task, "
+        f"best of {args.repeat}, load average {os.getloadavg()[0]:.1f} at start"
     )
     print(
         f"{'clients':>8}{'per round':>10} {'variant':<11}{'s/round':>9}"
-        f"{'x bare':>8}{'peak MB':>9}{'x bare':>8}"
+        f"{'x bare':>8}{'x flower':>9}{'peak MB':>9}{'x bare':>8}{'x flower':>9}"
     )
     for clients in args.clients:
         per_round = min(100, max(10, clients // 100))
-        rows = {
-            v: measure(v, clients, per_round, args.rounds, args.threads)
-            for v in args.variants
-        }
-        base = rows.get("bare")
+        rows = best_of(variants, clients, per_round, args)
+        base, flower = rows.get("bare"), rows.get("flower")
         for v, r in rows.items():
-            t_ratio = r["seconds"] / base["seconds"] if base else float("nan")
-            m_ratio = r["peak_bytes"] / base["peak_bytes"] if base else float("nan")
             print(
                 f"{clients:>8}{per_round:>10} {v:<11}{r['seconds']:>9.2f}"
-                f"{t_ratio:>8.2f}{r['peak_bytes'] / 2**20:>9.0f}{m_ratio:>8.2f}"
+                f"{_ratio(r, base, 'seconds'):>8.2f}"
+                f"{_ratio(r, flower, 'seconds'):>9.2f}"
+                f"{r['peak_bytes'] / 2**20:>9.0f}"
+                f"{_ratio(r, base, 'peak_bytes'):>8.2f}"
+                f"{_ratio(r, flower, 'peak_bytes'):>9.2f}",
+                flush=True,
             )
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
