@@ -16,10 +16,8 @@ their ``PYTHONPATH`` (``scale.py`` sets it).
 
 from __future__ import annotations
 
-import itertools
 import logging
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any
 
@@ -73,13 +71,16 @@ def _train(msg: Any, context: Any) -> Any:
     return Message(content=content, reply_to=msg)
 
 
-def _strategy(per_round: int, clients: int, starts: list[float]) -> Any:
+Mark = Callable[[], tuple[float, float]]
+
+
+def _strategy(per_round: int, clients: int, mark: Mark, marks: list[Any]) -> Any:
     """Flower's FedAvg, noting when each round starts and refusing failed clients."""
     from flwr.serverapp.strategy import FedAvg
 
     class TimedFedAvg(FedAvg):  # type: ignore[misc]
         def configure_train(self, server_round: int, *args: Any) -> Iterable[Any]:
-            starts.append(time.perf_counter())
+            marks.append(mark())
             return super().configure_train(server_round, *args)  # type: ignore[no-any-return]
 
         def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> Any:
@@ -98,8 +99,11 @@ def _strategy(per_round: int, clients: int, starts: list[float]) -> Any:
     )
 
 
-def run_flower(clients: int, per_round: int, rounds: int, cpus: int) -> list[float]:
-    """Run Flower's simulation for ``rounds`` rounds; seconds of each round."""
+def run_flower(
+    clients: int, per_round: int, rounds: int, cpus: int, mark: Mark
+) -> list[Any]:
+    """Run Flower's simulation for ``rounds`` rounds; ``mark()`` at the start of
+    each round and at the end."""
     from flwr.app import ArrayRecord, Context
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -110,16 +114,16 @@ def run_flower(clients: int, per_round: int, rounds: int, cpus: int) -> list[flo
     logging.getLogger("flwr").setLevel(logging.WARNING)
     client_app = ClientApp()
     client_app.train()(_train)
-    starts: list[float] = []
+    marks: list[Any] = []
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(0)
         initial = ArrayRecord(build_model("tanh-cnn").state_dict())
-        strategy = _strategy(per_round, clients, starts)
+        strategy = _strategy(per_round, clients, mark, marks)
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
-        starts.append(time.perf_counter())
+        marks.append(mark())
 
     run_simulation(
         server_app=server_app,
@@ -130,6 +134,6 @@ def run_flower(clients: int, per_round: int, rounds: int, cpus: int) -> list[flo
             "init_args": {"num_cpus": cpus, "include_dashboard": False},
         },
     )
-    if len(starts) != rounds + 1:
-        raise RuntimeError(f"Flower ran {len(starts) - 1} of {rounds} rounds")
-    return [b - a for a, b in itertools.pairwise(starts)]
+    if len(marks) != rounds + 1:
+        raise RuntimeError(f"Flower ran {len(marks) - 1} of {rounds} rounds")
+    return marks
