@@ -46,6 +46,14 @@ OutRoot = Annotated[
     Path, typer.Option("--out", help="Folder in which the run directory is created.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Run the clients on this existing Ray cluster ('auto', "
+        "'ray://host:10001'): sets runtime = 'ray' and [ray] address.",
+    ),
+]
 
 
 def _fail(exc: VeilError) -> typer.Exit:
@@ -54,11 +62,18 @@ def _fail(exc: VeilError) -> typer.Exit:
 
 
 def _run(
-    config_text: str | Path, out: Path, data_dir: Path | None, quiet: bool
+    config_text: str | Path,
+    out: Path,
+    data_dir: Path | None,
+    quiet: bool,
+    ray_address: str | None = None,
 ) -> None:
     from veil.experiment import load_config, run_experiment
+    from veil.experiment.config import with_ray_address
 
     config = load_config(config_text)
+    if ray_address is not None:
+        config = with_ray_address(config, ray_address)
     run_dir = run_experiment(config, out, data_dir=data_dir, progress=not quiet)
     summary = (run_dir / "summary.json").read_text()
     err.print(f"[bold green]done:[/] {run_dir}/report.md")
@@ -72,10 +87,11 @@ def run(
     out: OutRoot = Path("runs"),
     data_dir: DataDir = None,
     quiet: Quiet = False,
+    ray_address: RayAddress = None,
 ) -> None:
     """Run the experiment CONFIG and write a run directory with its report."""
     try:
-        _run(config, out, data_dir, quiet)
+        _run(config, out, data_dir, quiet, ray_address)
     except VeilError as exc:
         raise _fail(exc) from None
 

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import ray
+from typer.testing import CliRunner
 
+from veil.cli import app
 from veil.data import FederatedDataset
 from veil.errors import ConfigError
 from veil.experiment import parse_config, run_experiment
+from veil.experiment.config import with_ray_address
 
 CONFIG = """
 name = "tiny-runtime"
@@ -133,3 +136,18 @@ def test_bad_ray_setting_is_named() -> None:
     text = _config("ray") + "cpus_per_client = 0\n"  # under [ray], the last table
     with pytest.raises(ConfigError, match=r"'ray.cpus_per_client'"):
         parse_config(tomllib.loads(text))
+
+
+def test_ray_address_joins_a_cluster_and_is_validated(
+    tiny_dataset: FederatedDataset, tmp_path: Path
+) -> None:
+    config = parse_config(tomllib.loads(_config("simulation", "dssgd-round-robin")))
+    on_cluster = with_ray_address(config, "ray://head:10001")
+    assert (on_cluster.runtime, on_cluster.ray.address) == ("ray", "ray://head:10001")
+    assert on_cluster.ray.num_cpus == config.ray.num_cpus
+
+    path = tmp_path / "async.toml"
+    path.write_text(_config("simulation", "dssgd-round-robin") + "order = 'async'\n")
+    result = CliRunner().invoke(app, ["run", str(path), "--ray-address", "auto"])
+    assert result.exit_code == 2
+    assert "'async' runs only with runtime" in result.output

@@ -8,6 +8,7 @@ is allowed and what was found. :func:`load_config` reads a file;
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -49,6 +50,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "with_ray_address",
 ]
 
 #: Methods ``veil run`` knows, in the order they run.
@@ -417,3 +419,13 @@ def load_config(path: str | Path) -> ExperimentConfig:
 def dump_config(config: ExperimentConfig) -> str:
     """The resolved config as TOML (``None`` values are left out)."""
     return dump_toml(config)
+
+
+def with_ray_address(config: ExperimentConfig, address: str) -> ExperimentConfig:
+    """``config`` run on the existing Ray cluster at ``address`` (``"auto"``,
+    ``"ray://host:10001"``): ``runtime = "ray"`` and ``[ray] address``, validated
+    again as a whole (the asynchronous DSSGD order, say, is refused on Ray)."""
+    raw = tomllib.loads(dump_config(config))
+    raw["runtime"] = "ray"
+    raw.setdefault("ray", {})["address"] = address
+    return parse_config(raw)
