@@ -9,7 +9,7 @@ evaluation. Flower samples a round's clients itself; every client holds the same
 number of examples, so the work per round is the same.
 
 Kept as little as Flower lets it be: each Ray actor loads MNIST and builds its model
-once and reuses them (a Flower example usually reloads per call), and torch runs one
+once and reuses them (Flower's quickstart builds them in every call); torch runs one
 thread per actor. This module is imported by Flower's Ray actors, so it must be on
 their ``PYTHONPATH`` (``scale.py`` sets it).
 """
