@@ -51,6 +51,14 @@ OutRoot = Annotated[
     Path, typer.Option("--out", help="Folder in which the run directory is created.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Run the clients on this existing Ray cluster ('auto', "
+        "'ray://host:10001'): sets runtime = 'ray' and [ray] address.",
+    ),
+]
 
 
 def _fail(exc: VeilError) -> typer.Exit:
@@ -59,13 +67,20 @@ def _fail(exc: VeilError) -> typer.Exit:
 
 
 def _run(
-    config_text: str | Path, out: Path, data_dir: Path | None, quiet: bool
+    config_text: str | Path,
+    out: Path,
+    data_dir: Path | None,
+    quiet: bool,
+    ray_address: str | None = None,
 ) -> None:
     from veil.experiment import load_config, run_experiment
+    from veil.experiment.config import with_ray_address
 
     config = load_config(config_text)
     if data_dir is not None and config.runtime == "network":
         os.environ["VEIL_DATA"] = str(data_dir)  # the device processes read it
+    if ray_address is not None:
+        config = with_ray_address(config, ray_address)
     run_dir = run_experiment(config, out, data_dir=data_dir, progress=not quiet)
     summary = (run_dir / "summary.json").read_text()
     err.print(f"[bold green]done:[/] {run_dir}/report.md")
@@ -79,10 +94,11 @@ def run(
     out: OutRoot = Path("runs"),
     data_dir: DataDir = None,
     quiet: Quiet = False,
+    ray_address: RayAddress = None,
 ) -> None:
     """Run the experiment CONFIG and write a run directory with its report."""
     try:
-        _run(config, out, data_dir, quiet)
+        _run(config, out, data_dir, quiet, ray_address)
     except VeilError as exc:
         raise _fail(exc) from None
 

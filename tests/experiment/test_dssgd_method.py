@@ -3,6 +3,7 @@ privacy records, on the tiny dataset."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from veil.experiment._dssgd import _new_run
 from veil.experiment.rundir import MetricsLog
 from veil.experiment.runner import RunContext, initial_state
 from veil.learning.dssgd import ParameterServer, Upload, flatten
+from veil.models import build_model
 
 TINY_DSSGD = {
     "name": "tiny-dssgd",
@@ -146,3 +148,21 @@ def test_dp_config_needs_threshold_selection_and_bound() -> None:
 
     with pytest.raises(ConfigError, match="needs selection = 'threshold'"):
         parse_config({"dssgd": {"dp": {"epsilon_per_parameter": 1.0}}})
+
+
+def test_asynchronous_order_runs_only_in_the_simulation(
+    tiny_dataset: FederatedDataset,
+) -> None:
+    from veil.errors import ConfigError
+    from veil.experiment._dssgd import check_runtime
+    from veil.runtime import SimulationRuntime
+
+    class ElsewhereRuntime:
+        """Stands for any runtime that runs clients out of this process."""
+
+    with pytest.raises(ConfigError, match="got 'async'"):
+        check_runtime("async", ElsewhereRuntime())
+    check_runtime("random", ElsewhereRuntime())  # synchronous orders run anywhere
+    model_fn = functools.partial(build_model, "2nn")
+    parts = np.array_split(np.arange(20), 2)
+    check_runtime("async", SimulationRuntime(model_fn, tiny_dataset.train, parts))

@@ -49,6 +49,20 @@ def result(update: dict[str, torch.Tensor], n: int, rnd: int = 1) -> ClientResul
         ),
         ([result(state(w=[1.0, float("nan")]), 5)], "NaN or Inf"),
         ([result(state(w=[float("inf"), 0.0]), 5)], "NaN or Inf"),
+        # The sum is checked once: Inf - Inf is NaN there, and the scan names
+        # the first bad update; a zero-weight update is checked on its own.
+        (
+            [
+                result(state(w=[1.0, 2.0]), 5),
+                result(state(w=[float("inf"), 0.0]), 5),
+                result(state(w=[float("-inf"), 0.0]), 5),
+            ],
+            "update 1: tensor 'w' holds NaN or Inf",
+        ),
+        (
+            [result(state(w=[1.0, 2.0]), 5), result(state(w=[float("nan"), 0]), 0)],
+            "update 1: tensor 'w' holds NaN or Inf",
+        ),
         ([result(state(w=[1.0, 2.0, 3.0]), 5)], "shape"),
         ([result(state(v=[1.0, 2.0]), 5)], "missing \\['w'\\]"),
         ([result(state(w=[1.0, 2.0]), 5, rnd=2)], "round 2"),

@@ -146,3 +146,50 @@ def test_bad_resources_are_refused() -> None:
         RayRuntime(MODEL_FN, data.train, parts, cpus_per_client=0)
     with pytest.raises(ConfigError, match="memory_per_client must be > 0"):
         RayRuntime(MODEL_FN, data.train, parts, memory_per_client=0)
+
+
+def _count_examples(
+    state: dict[str, int], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[dict[str, int], int]:
+    """A client step: the state counts the client's turns and labels seen."""
+    if int(y.sum()) < 0:
+        raise DataError("labels must be >= 0")
+    state = {**state, "turns": state["turns"] + 1, "labels": state["labels"] + len(y)}
+    return state, int(y.sum())
+
+
+def test_client_state_stays_on_ray_between_turns() -> None:
+    data = make_tiny(n_train=60, n_test=10)
+    parts = _parts(60, 3)
+    runtimes = {
+        "simulation": SimulationRuntime(MODEL_FN, data.train, parts),
+        "ray": RayRuntime(MODEL_FN, data.train, parts),
+    }
+    seen: dict[str, tuple[list[object], list[int]]] = {}
+    for name, runtime in runtimes.items():
+        states: list[object] = [{"turns": 0, "labels": 0} for _ in parts]
+        replies = []
+        for k in (2, 0, 2, 1):
+            states[k], reply = runtime.run_client(_count_examples, k, states[k])
+            replies.append(reply)
+        seen[name] = (runtime.fetch(states), replies)
+    assert isinstance(
+        runtimes["ray"].run_client(_count_examples, 0, {"turns": 0, "labels": 0})[0],
+        ray.ObjectRef,
+    )
+    assert seen["ray"] == seen["simulation"]
+    assert seen["ray"][0][2] == {"turns": 2, "labels": 2 * len(parts[2])}
+    expected = [int(data.train.y[parts[k]].sum()) for k in (2, 0, 2, 1)]
+    assert seen["ray"][1] == expected
+
+
+def test_client_step_error_is_the_clients_own() -> None:
+    data = make_tiny(n_train=20, n_test=10)
+    runtime = RayRuntime(MODEL_FN, data.train, np.array_split(np.arange(20), 2))
+    bad = make_tiny(n_train=20, n_test=10).train
+    bad.y[:] = -1
+    broken = RayRuntime(MODEL_FN, bad, np.array_split(np.arange(20), 2))
+    with pytest.raises(DataError, match="labels must be >= 0"):
+        broken.run_client(_count_examples, 1, {"turns": 0, "labels": 0})
+    with pytest.raises(DataError, match=r"client_id must be in \[0, 2\)"):
+        runtime.run_client(_count_examples, 2, {"turns": 0, "labels": 0})

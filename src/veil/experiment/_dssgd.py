@@ -1,16 +1,21 @@
-"""The runner's ``dssgd`` method: distributed selective SGD in one process.
+"""The runner's ``dssgd`` method: distributed selective SGD on the configured runtime.
 
-This is the simulation driver of :mod:`veil.learning.dssgd`: it builds the parameter
-server and one :class:`~veil.learning.dssgd.DSSGDClient` per client, runs the turns
-of every round in the configured participant order, and logs one ``metrics.jsonl``
-record per evaluation. Every message really is encoded and decoded
-(:func:`~veil.learning.dssgd.encode_sparse`), so ``bytes_up`` and ``bytes_down``
-are the exact sizes of what a network runtime would send.
+This is the driver of :mod:`veil.learning.dssgd`: it builds the parameter server
+and one :class:`~veil.learning.dssgd.DSSGDClient` per client, runs the turns of
+every round in the configured participant order, and logs one ``metrics.jsonl``
+record per evaluation. The server side of a turn runs here; the client side
+(:func:`client_turn`: decode the download, train, encode the upload) runs where the
+runtime puts it: in this process (``runtime = "simulation"``) or as a Ray task
+(``runtime = "ray"``), with the same result for the same seed. Every message really
+is encoded and decoded (:func:`~veil.learning.dssgd.encode_sparse`), so
+``bytes_up`` and ``bytes_down`` are the exact sizes of what a network runtime would
+send.
 
 Orders: ``round_robin`` and ``random`` run the turns one after another;
 ``async`` runs a round's turns concurrently on ``dssgd.workers`` threads (each with
 its own scratch model), the server applying each upload atomically and recording its
-staleness. Rounds only mark when the model is evaluated.
+staleness. Rounds only mark when the model is evaluated. The asynchronous order is
+not reproducible and runs on the simulation runtime only (:func:`check_runtime`).
 
 With ``dssgd.upload_fraction`` a list, the method runs once per value, logged as
 ``dssgd-u<θu>``; each run's model is saved under that name. Under ``[dssgd.dp]``
@@ -20,10 +25,9 @@ each client keeps a privacy ledger, written to ``RUN_DIR/privacy/<name>.json``.
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +38,7 @@ from torch import nn
 
 from veil.errors import ConfigError
 from veil.experiment._dp import write_ledger
+from veil.experiment._runtime import open_runtime
 from veil.experiment.config import DSSGDConfig
 from veil.experiment.rundir import save_model
 from veil.learning import SGDTrainer, StateDict, encoded_size, evaluate
@@ -54,13 +59,17 @@ from veil.learning.dssgd import (
 )
 from veil.models import build_model
 from veil.privacy import PrivacyBudget, PrivacyLedger
+from veil.runtime import SimulationRuntime, TurnRuntime
 
 if TYPE_CHECKING:
     from veil.experiment.runner import RunContext
 
 __all__ = [
     "DSSGDRun",
+    "TurnReply",
     "TurnStats",
+    "check_runtime",
+    "client_turn",
     "dssgd_method_names",
     "dssgd_section",
     "run_dssgd",
@@ -114,72 +123,113 @@ def dssgd_method_names(cfg: DSSGDConfig) -> list[tuple[str, float]]:
     return [(f"dssgd-u{u:g}", u) for u in fractions]
 
 
-def run_turn(
-    server: ParameterServer,
+@dataclass(frozen=True)
+class TurnReply:
+    """What a client sends back at the end of its turn.
+
+    Attributes:
+        payload: the encoded upload (:func:`~veil.learning.dssgd.encode_sparse`).
+        loss: mean training loss of the turn (metrics only).
+        over_budget: the client's privacy budget stopped its upload.
+    """
+
+    payload: bytes
+    loss: float
+    over_budget: bool
+
+
+def client_turn(
     client: DSSGDClient,
     model: nn.Module,
-    data: tuple[torch.Tensor, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    payload: bytes,
+    version: int,
+    generator_state: torch.Tensor,
+    trainer: SGDTrainer,
+    settings: DSSGDSettings,
+) -> tuple[DSSGDClient, TurnReply]:
+    """The client's half of a turn, wherever the runtime runs it: decode the
+    download, train, choose and encode the upload.
+
+    ``generator_state`` is the turn's generator as the server's download left it, so
+    the client draws exactly what it would have drawn in one process. Returns the
+    client (changed) and its reply.
+    """
+    generator = torch.Generator()
+    generator.set_state(generator_state)
+    download = Download(client.client_id, decode_sparse(payload), version)
+    upload = client.turn(download, model, x, y, trainer, generator, settings)
+    over_budget = bool(upload.metrics.get("over_budget"))
+    return client, TurnReply(encode_sparse(upload.vector), upload.loss, over_budget)
+
+
+def run_turn(
+    server: ParameterServer,
+    runtime: TurnRuntime,
+    clients: list[Any],
+    client_id: int,
     trainer: SGDTrainer,
     settings: DSSGDSettings,
     seed: int,
 ) -> TurnStats:
-    """One client's turn, with both messages encoded and decoded on the way."""
+    """One client's turn: the server's download, the client's step on ``runtime``
+    (``clients[client_id]`` is replaced by the handle on its new state), the
+    server's upload; both messages encoded and decoded on the way."""
     generator = torch.Generator().manual_seed(seed)
-    k = client.client_id
+    k = client_id
 
-    # Download: the server picks, encodes; the client decodes.
+    # Download: the server picks and encodes; the client decodes, trains, encodes.
     sent = server.download(k, settings.download_fraction, generator)
     payload_down = encode_sparse(sent.vector)
-    download = Download(k, decode_sparse(payload_down), sent.version)
+    clients[k], reply = runtime.run_client(
+        client_turn,
+        k,
+        clients[k],
+        payload_down,
+        sent.version,
+        generator.get_state(),
+        trainer,
+        settings,
+    )
 
-    # Train and choose what to upload.
-    upload = client.turn(download, model, *data, trainer, generator, settings)
-
-    # Upload: the client encodes; the server decodes and applies atomically.
-    payload_up = encode_sparse(upload.vector)
-    received = Upload(k, decode_sparse(payload_up), upload.base_version)
+    # Upload: the server decodes and applies atomically.
+    received = Upload(k, decode_sparse(reply.payload), sent.version)
     staleness = server.apply(received)
     return TurnStats(
         k,
-        len(payload_up),
+        len(reply.payload),
         len(payload_down),
         received.vector.count,
         staleness,
-        upload.loss,
-        bool(upload.metrics.get("over_budget")),
+        reply.loss,
+        reply.over_budget,
     )
 
 
 @dataclass
 class DSSGDRun:
-    """One DSSGD run: server, clients, and how turns are carried out."""
+    """One DSSGD run: server, clients, and the runtime their turns run on.
+
+    ``clients`` holds, for each client, its :class:`DSSGDClient` or the runtime's
+    handle on it (:meth:`client_states` resolves them).
+    """
 
     server: ParameterServer
-    clients: list[DSSGDClient]
-    data: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-    model_fn: Callable[[], nn.Module]
+    clients: list[Any]
+    runtime: TurnRuntime
     trainer: SGDTrainer
     settings: DSSGDSettings
     order: str
     workers: int
     seed: int
 
-    def __post_init__(self) -> None:
-        self._local = threading.local()
-
-    def _model(self) -> nn.Module:
-        # One scratch model per thread: its weights are overwritten every turn.
-        if not hasattr(self._local, "model"):
-            self._local.model = self.model_fn()
-        model: nn.Module = self._local.model
-        return model
-
     def _turn(self, rnd: int, k: int) -> TurnStats:
         return run_turn(
             self.server,
-            self.clients[k],
-            self._model(),
-            self.data(k),
+            self.runtime,
+            self.clients,
+            k,
             self.trainer,
             self.settings,
             turn_seed(self.seed, rnd, k),
@@ -193,8 +243,24 @@ class DSSGDRun:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="dssgd") as pool:
             return list(pool.map(lambda k: self._turn(rnd, k), order))
 
+    def client_states(self) -> list[DSSGDClient]:
+        """Every client's current state (fetched from where the runtime keeps it)."""
+        return self.runtime.fetch(self.clients)
 
-def _new_run(ctx: RunContext, upload_fraction: float) -> DSSGDRun:
+
+def check_runtime(order: str, runtime: object) -> None:
+    """Refuse the asynchronous order anywhere but the simulation runtime."""
+    if order == "async" and not isinstance(runtime, SimulationRuntime):
+        raise ConfigError(
+            "dssgd.order must be 'round_robin' or 'random' on the "
+            f"{type(runtime).__name__}, got 'async': its turns interleave "
+            "differently in every run, so only runtime = 'simulation' runs it"
+        )
+
+
+def _new_run(
+    ctx: RunContext, upload_fraction: float, runtime: TurnRuntime | None = None
+) -> DSSGDRun:
     cfg = ctx.config
     d = cfg.dssgd
     settings = settings_from_config(d, upload_fraction)
@@ -206,28 +272,20 @@ def _new_run(ctx: RunContext, upload_fraction: float) -> DSSGDRun:
             f"has {start.numel() - trainable} values in buffers (BatchNorm "
             "statistics?): choose another model"
         )
+    if runtime is None:
+        model_fn = functools.partial(build_model, cfg.model.name)
+        runtime = SimulationRuntime(model_fn, ctx.dataset.train, ctx.client_indices)
+    check_runtime(d.order, runtime)
     server = ParameterServer(start, len(ctx.client_indices))
-    clients = [
+    clients: list[Any] = [
         DSSGDClient(k, start.clone(), _client_ledger(d))
         for k in range(len(ctx.client_indices))
-    ]
-    train = ctx.dataset.train
-    indices = [
-        torch.as_tensor(np.asarray(i, dtype=np.int64)) for i in ctx.client_indices
     ]
     local = cfg.local
     epochs = local.epochs if d.local_batches is None else d.local_batches
     trainer = SGDTrainer(local.lr, epochs, local.batch_size, d.local_batches)
     return DSSGDRun(
-        server,
-        clients,
-        lambda k: (train.x[indices[k]], train.y[indices[k]]),
-        lambda: build_model(cfg.model.name),
-        trainer,
-        settings,
-        d.order,
-        d.workers,
-        cfg.seed,
+        server, clients, runtime, trainer, settings, d.order, d.workers, cfg.seed
     )
 
 
@@ -245,24 +303,29 @@ def _privacy_metrics(run: DSSGDRun, d: DSSGDConfig) -> dict[str, Any]:
         return {}
     assert run.settings.dp is not None
     capacity = upload_count(run.settings.upload_fraction, run.server.size)
-    ledgers = [c.ledger for c in run.clients if c.ledger is not None]
+    clients = run.client_states()
+    ledgers = [c.ledger for c in clients if c.ledger is not None]
     eps = [ledger.epsilon(d.dp.delta) for ledger in ledgers if ledger.events]
     return {
         "epsilon": max(eps, default=0.0),
-        "epsilon_pure": max(c.pure_epsilon for c in run.clients),
+        "epsilon_pure": max(c.pure_epsilon for c in clients),
         "epsilon_upload": capacity * d.dp.epsilon_per_parameter,
         "epsilon_per_parameter": d.dp.epsilon_per_parameter,
         "delta": d.dp.delta,
-        "uploads_max": max(c.uploads for c in run.clients),
+        "uploads_max": max(c.uploads for c in clients),
     }
 
 
 def _run_one(
-    ctx: RunContext, name: str, upload_fraction: float, done: int
+    ctx: RunContext,
+    runtime: TurnRuntime,
+    name: str,
+    upload_fraction: float,
+    done: int,
 ) -> StateDict:
     cfg = ctx.config
     d = cfg.dssgd
-    run = _new_run(ctx, upload_fraction)
+    run = _new_run(ctx, upload_fraction, runtime)
     model = ctx.new_model()
     test = ctx.dataset.test
     dense_bytes = encoded_size(ctx.initial_state)
@@ -306,7 +369,8 @@ def _run_one(
         ctx.advance("dssgd", done + rnd, accuracy)
         pending, seconds = [], 0.0
     if d.dp is not None and ctx.run_dir is not None:
-        ledgers = {c.client_id: c.ledger for c in run.clients if c.ledger is not None}
+        clients = run.client_states()
+        ledgers = {c.client_id: c.ledger for c in clients if c.ledger is not None}
         write_ledger(ctx.run_dir, name, ledgers, d.dp.delta)
     return unflatten(run.server.parameters(), ctx.initial_state)
 
@@ -317,12 +381,15 @@ def run_dssgd(ctx: RunContext) -> StateDict:
     Each run's model is saved as ``models/<name>.safetensors`` when there are
     several; the runner saves the returned one as ``models/dssgd.safetensors``.
     """
-    names = dssgd_method_names(ctx.config.dssgd)
+    cfg = ctx.config
+    names = dssgd_method_names(cfg.dssgd)
     state: StateDict = {}
-    for i, (name, fraction) in enumerate(names):
-        state = _run_one(ctx, name, fraction, i * ctx.config.dssgd.rounds)
-        if len(names) > 1 and ctx.run_dir is not None:
-            save_model(ctx.run_dir, name, state)
+    with open_runtime(cfg, ctx.dataset.train, ctx.client_indices) as runtime:
+        check_runtime(cfg.dssgd.order, runtime)
+        for i, (name, fraction) in enumerate(names):
+            state = _run_one(ctx, runtime, name, fraction, i * cfg.dssgd.rounds)
+            if len(names) > 1 and ctx.run_dir is not None:
+                save_model(ctx.run_dir, name, state)
     return state
 
 

@@ -5,7 +5,8 @@ work as a Ray task (``[ray]`` section); ``network`` runs a server on 127.0.0.1 a
 device processes that reach it over HTTP (``[network]`` section). Methods ask
 :func:`open_runtime` for a runtime and use it as a context manager, so a local Ray
 (or a server and its devices) started for a method is stopped when the method ends,
-even when it fails.
+even when it fails. The simulation and Ray runtimes run rounds (FedAvg and the
+methods built on it) and turns (DSSGD); the network runtime runs rounds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from veil.data import Dataset
 from veil.experiment.config import ExperimentConfig
 from veil.models import build_model
-from veil.runtime import Runtime, SimulationRuntime
+from veil.runtime import RayRuntime, SimulationRuntime
 
 __all__ = ["open_runtime"]
 
@@ -27,7 +28,7 @@ __all__ = ["open_runtime"]
 @contextmanager
 def open_runtime(
     config: ExperimentConfig, train: Dataset, client_indices: Sequence[np.ndarray]
-) -> Iterator[Runtime]:
+) -> Iterator[SimulationRuntime | RayRuntime]:
     """The runtime ``config.runtime`` names, holding ``train`` split by
     ``client_indices``; closed on exit."""
     model_fn = functools.partial(build_model, config.model.name)
@@ -43,8 +44,6 @@ def open_runtime(
         finally:
             network.shutdown()
         return
-    from veil.runtime.ray_runtime import RayRuntime
-
     r = config.ray
     memory = None if r.memory_per_client_mb is None else r.memory_per_client_mb << 20
     runtime = RayRuntime(

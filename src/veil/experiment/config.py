@@ -8,6 +8,7 @@ is allowed and what was found. :func:`load_config` reads a file;
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,6 +51,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "with_ray_address",
 ]
 
 #: Methods ``veil run`` knows, in the order they run.
@@ -416,6 +418,20 @@ class ExperimentConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _async_dssgd_in_simulation(self) -> ExperimentConfig:
+        if (
+            "dssgd" in self.methods
+            and self.dssgd.order == "async"
+            and self.runtime != "simulation"
+        ):
+            raise ValueError(
+                "dssgd.order 'async' runs only with runtime = 'simulation' (its "
+                "turns interleave differently in every run, so no other runtime "
+                "could reproduce it); choose order = 'round_robin' or 'random'"
+            )
+        return self
+
     _safe_name = field_validator("name")(check_name)
 
 
@@ -432,3 +448,13 @@ def load_config(path: str | Path) -> ExperimentConfig:
 def dump_config(config: ExperimentConfig) -> str:
     """The resolved config as TOML (``None`` values are left out)."""
     return dump_toml(config)
+
+
+def with_ray_address(config: ExperimentConfig, address: str) -> ExperimentConfig:
+    """``config`` run on the existing Ray cluster at ``address`` (``"auto"``,
+    ``"ray://host:10001"``): ``runtime = "ray"`` and ``[ray] address``, validated
+    again as a whole (the asynchronous DSSGD order, say, is refused on Ray)."""
+    raw = tomllib.loads(dump_config(config))
+    raw["runtime"] = "ray"
+    raw.setdefault("ray", {})["address"] = address
+    return parse_config(raw)

@@ -7,6 +7,9 @@ which is what the run's ``bytes_up`` and ``bytes_down`` metrics count.
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from safetensors.torch import load, save
 
 from veil.errors import UpdateError
@@ -28,10 +31,23 @@ def decode(payload: bytes) -> StateDict:
         raise UpdateError(f"payload is not valid safetensors ({exc})") from None
 
 
+Layout = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+
+
 def encoded_size(tensors: StateDict) -> int:
     """Exact length in bytes of :func:`encode` ``(tensors)``.
 
-    It is measured by encoding: the header's layout is the safetensors library's
-    business, and a copy of a few megabytes costs milliseconds per client.
+    The length depends only on the tensors' names, dtypes and shapes (the header
+    lists them and the data follows, a fixed number of bytes per element), not on
+    their values. It is measured by encoding zeros of that layout once, and
+    remembered: the header's exact layout stays the safetensors library's business,
+    and a round of many clients does not copy every update to count its bytes.
     """
-    return len(encode(tensors))
+    layout = tuple((name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
+    return _layout_size(layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout_size(layout: Layout) -> int:
+    zeros = {name: torch.zeros(shape, dtype=dtype) for name, dtype, shape in layout}
+    return len(save(zeros))

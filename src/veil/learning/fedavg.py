@@ -38,9 +38,12 @@ __all__ = ["ClientStates", "FedAvg", "check_update", "weighted_average"]
 logger = logging.getLogger(__name__)
 
 
-def check_update(update: StateDict, reference: StateDict, who: str = "update") -> None:
+def check_update(
+    update: StateDict, reference: StateDict, who: str = "update", finite: bool = True
+) -> None:
     """Refuse an update whose names, shapes or dtypes differ from ``reference``, or
-    that holds NaN or Inf."""
+    (unless ``finite`` is False: the caller checks that itself) that holds NaN or
+    Inf."""
     if update.keys() != reference.keys():
         missing = sorted(reference.keys() - update.keys())
         extra = sorted(update.keys() - reference.keys())
@@ -55,7 +58,7 @@ def check_update(update: StateDict, reference: StateDict, who: str = "update") -
                 f"{who}: tensor {name!r} must be {ref.dtype} of shape "
                 f"{tuple(ref.shape)}, got {t.dtype} of shape {tuple(t.shape)}"
             )
-        if not bool(torch.isfinite(t).all()):
+        if finite and not bool(torch.isfinite(t).all()):
             raise UpdateError(f"{who}: tensor {name!r} holds NaN or Inf")
 
 
@@ -82,7 +85,8 @@ def weighted_average(
     for i, (u, w) in enumerate(zip(updates, weights, strict=True)):
         if not (math.isfinite(w) and w >= 0):
             raise UpdateError(f"weight of update {i} must be finite and >= 0, got {w}")
-        check_update(u, reference, who=f"update {i}")
+        # Values of weighted updates are checked in the sum, once, below.
+        check_update(u, reference, who=f"update {i}", finite=not w)
     total = float(sum(weights))
     if total <= 0:
         raise UpdateError("the weights of the updates sum to zero: nothing to average")
@@ -93,7 +97,22 @@ def weighted_average(
             if w:
                 acc.add_(u[name].to(torch.float64), alpha=w / total)
         averaged[name] = acc.to(reference[name].dtype)
+    if not all(bool(torch.isfinite(a).all()) for a in averaged.values()):
+        _refuse_non_finite(updates, reference)
     return averaged
+
+
+def _refuse_non_finite(updates: Sequence[StateDict], reference: StateDict) -> None:
+    """Name the first update holding NaN or Inf (the sum showed there is one).
+
+    A NaN or Inf in any weighted update makes the float64 sum non-finite: finite
+    float32 values times weights at most 1 cannot overflow float64, and NaN and Inf
+    survive addition (Inf - Inf is NaN). So one check of the sum stands for a check
+    of every update, and this scan runs only when an update is to be refused.
+    """
+    for i, u in enumerate(updates):
+        check_update(u, reference, who=f"update {i}")
+    raise UpdateError("the weighted sum of the updates holds NaN or Inf")
 
 
 class ClientStates(Protocol):

@@ -1,8 +1,16 @@
-"""What every runtime offers: run one round of a federated algorithm.
+"""What every runtime offers: run one round of a federated algorithm, or one turn.
 
 A federated algorithm (FedAvg, and those built on it) is split into a server side,
 ``configure_round`` and ``aggregate``, and a client side, ``client_fit``. A runtime
 only decides where ``client_fit`` runs and how tasks and results travel.
+
+Algorithms whose clients take turns, one after another, against a server that
+changes after every turn (distributed selective SGD), use :class:`TurnRuntime`
+instead: the driver runs the server side itself and asks the runtime to run one
+client's step, ``fn(state, model, x, y, *args) -> (state, reply)``, where the
+client's data is. The client's state (its local parameters, its privacy ledger)
+persists between turns; a runtime may keep it where the client runs and hand the
+driver only a handle, which :meth:`TurnRuntime.fetch` resolves.
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ from veil.learning._types import ClientResult, ClientTask
 from veil.learning.encoding import encoded_size
 
 __all__ = [
+    "ClientStep",
     "FederatedAlgorithm",
     "RoundStats",
     "Runtime",
+    "TurnRuntime",
+    "check_client",
     "check_clients",
     "client_state_hooks",
     "round_stats",
@@ -61,13 +72,16 @@ class RoundStats:
     seconds: float
 
 
+def check_client(client_id: int, num_clients: int) -> None:
+    """Refuse, before any work, a client the runtime does not hold."""
+    if not 0 <= client_id < num_clients:
+        raise DataError(f"client_id must be in [0, {num_clients}), got {client_id}")
+
+
 def check_clients(tasks: Sequence[ClientTask], num_clients: int) -> None:
     """Refuse, before any work, a task for a client the runtime does not hold."""
     for task in tasks:
-        if not 0 <= task.client_id < num_clients:
-            raise DataError(
-                f"client_id must be in [0, {num_clients}), got {task.client_id}"
-            )
+        check_client(task.client_id, num_clients)
 
 
 def round_stats(
@@ -119,3 +133,27 @@ class Runtime(Protocol):
     """Runs rounds of a :class:`FederatedAlgorithm`."""
 
     def run_round(self, algorithm: FederatedAlgorithm, rnd: int) -> RoundStats: ...
+
+
+#: One client's step of a turn-based algorithm: ``fn(state, model, x, y, *args)``
+#: returns ``(state, reply)``: the client's state after the step (the same object,
+#: changed, or a new one) and what it sends back. ``model`` is a scratch model the
+#: step may overwrite; ``x`` and ``y`` are the client's examples.
+ClientStep = Callable[..., tuple[Any, Any]]
+
+
+class TurnRuntime(Protocol):
+    """Runs one client's step at a time, where the client's data is."""
+
+    def run_client(
+        self, fn: ClientStep, client_id: int, state: Any, *args: Any
+    ) -> tuple[Any, Any]:
+        """``fn(state, model, x, y, *args)`` for client ``client_id``: returns a
+        handle on the client's new state (pass it to the client's next step) and
+        the reply."""
+        ...
+
+    def fetch(self, states: Sequence[Any]) -> list[Any]:
+        """The client states that ``states`` (handles from :meth:`run_client`, or
+        states never sent anywhere) stand for."""
+        ...

@@ -18,6 +18,13 @@ What travels, and how often:
   comes back with its result and is loaded into the driver's algorithm: the ledger
   stays where the accounting is done, as it would on a phone that reports it.
 
+Turn-based algorithms (DSSGD's synchronous orders) run one client's step at a time
+(:meth:`RayRuntime.run_client`), each as one Ray task. The client's state stays in
+the object store between its turns: the driver keeps a reference and passes it to
+the client's next step, so it crosses to the driver only when asked for
+(:meth:`RayRuntime.fetch`: evaluation of privacy ledgers, the end of a run). Turns
+that must follow one another gain no parallelism from Ray, only its placement.
+
 For the same seed the result equals the simulation runtime's: every task draws its
 randomness from its own seed, results are aggregated in the order of the tasks, and
 a worker uses the driver's number of torch threads unless told otherwise.
@@ -45,8 +52,10 @@ from veil.data import Dataset
 from veil.errors import ConfigError, DataError
 from veil.learning._types import ClientResult, ClientTask
 from veil.runtime._base import (
+    ClientStep,
     FederatedAlgorithm,
     RoundStats,
+    check_client,
     check_clients,
     client_state_hooks,
     round_stats,
@@ -75,6 +84,41 @@ def _import_ray() -> Any:
     return ray
 
 
+def _worker_model(model_key: str, model_fn: ModelFn, threads: int) -> nn.Module:
+    """This worker's scratch model for the runtime ``model_key``, built once."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = _MODELS.get(model_key)
+    if model is None:
+        model = _MODELS[model_key] = model_fn()
+    return model
+
+
+def _client_step(
+    model_key: str,
+    model_fn: ModelFn,
+    threads: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    indices: np.ndarray,
+    fn: ClientStep,
+    state: Any,
+    *args: Any,
+) -> tuple[Any, tuple[Any, BaseException | None]]:
+    """Run one client's step in a Ray worker: ``(state, (reply, error))``.
+
+    An error comes back as a value beside the state as it stood when it was raised,
+    so the driver re-raises the client's own exception, as the simulation would.
+    """
+    model = _worker_model(model_key, model_fn, threads)
+    cx, cy = torch.from_numpy(x[indices]), torch.from_numpy(y[indices])
+    try:
+        state, reply = fn(state, model, cx, cy, *args)
+    except Exception as exc:  # returned, re-raised by the driver
+        return state, (None, exc)
+    return state, (reply, None)
+
+
 def _client_task(
     algorithm: FederatedAlgorithm,
     model_key: str,
@@ -92,11 +136,7 @@ def _client_task(
     as a value, with the client's state as it stood when the error was raised, so the
     driver records exactly what the simulation runtime would have.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    model = _MODELS.get(model_key)
-    if model is None:
-        model = _MODELS[model_key] = model_fn()
+    model = _worker_model(model_key, model_fn, threads)
     # None: the task's model is the algorithm's own, which came with the algorithm.
     state = algorithm.global_state if global_state is None else global_state  # type: ignore[attr-defined]
     task = dataclasses.replace(task, global_state=state)
@@ -169,6 +209,7 @@ class RayRuntime:
         if memory_per_client is not None:
             resources["memory"] = memory_per_client
         self._remote = ray.remote(_client_task).options(**resources)
+        self._remote_step = ray.remote(_client_step).options(num_returns=2, **resources)
         self._model_fn = ray.put(model_fn)
         self._model_key = uuid.uuid4().hex
         self._x = ray.put(train.x.numpy())
@@ -230,6 +271,46 @@ class RayRuntime:
             raise errors[0]
         algorithm.aggregate(rnd, results)
         return round_stats(rnd, tasks, results, time.perf_counter() - start)
+
+    def run_client(
+        self, fn: ClientStep, client_id: int, state: Any, *args: Any
+    ) -> tuple[Any, Any]:
+        """Run ``fn(state, model, x, y, *args)`` for one client as a Ray task.
+
+        ``state`` is the client's state or the reference a previous call returned.
+        Returns a reference to the client's new state, which stays in the object
+        store, and the reply (``fn`` and ``args`` must be picklable).
+
+        Raises:
+            DataError: ``client_id`` is not a client this runtime holds.
+            Exception: the error ``fn`` raised.
+        """
+        check_client(client_id, self.num_clients)
+        state_ref, reply_ref = self._remote_step.remote(
+            self._model_key,
+            self._model_fn,
+            self._threads,
+            self._x,
+            self._y,
+            self._indices[client_id],
+            fn,
+            state,
+            *args,
+        )
+        reply, error = self._ray.get(reply_ref)
+        if error is not None:
+            raise error
+        return state_ref, reply
+
+    def fetch(self, states: Sequence[Any]) -> list[Any]:
+        """The client states behind ``states``: references are fetched from the
+        object store (in one call), anything else is returned as it is."""
+        ray = self._ray
+        refs = [i for i, s in enumerate(states) if isinstance(s, ray.ObjectRef)]
+        out = list(states)
+        for i, value in zip(refs, ray.get([out[i] for i in refs]), strict=True):
+            out[i] = value
+        return out
 
     def shutdown(self) -> None:
         """Disconnect from Ray if this runtime connected (stopping a local Ray it
