@@ -59,7 +59,7 @@ from veil.learning.dssgd import (
 )
 from veil.models import build_model
 from veil.privacy import PrivacyBudget, PrivacyLedger
-from veil.runtime import SimulationRuntime, TurnRuntime
+from veil.runtime import RayRuntime, SimulationRuntime, TurnRuntime
 
 if TYPE_CHECKING:
     from veil.experiment.runner import RunContext
@@ -384,7 +384,14 @@ def run_dssgd(ctx: RunContext) -> StateDict:
     cfg = ctx.config
     names = dssgd_method_names(cfg.dssgd)
     state: StateDict = {}
+    if cfg.runtime == "network":
+        raise ConfigError(
+            "dssgd does not run on runtime = 'network' yet (its parameter server "
+            "has no endpoints); use runtime = 'simulation' or 'ray'"
+        )
     with open_runtime(cfg, ctx.dataset.train, ctx.client_indices) as runtime:
+        if not isinstance(runtime, SimulationRuntime | RayRuntime):
+            raise ConfigError("dssgd needs runtime = 'simulation' or 'ray'")
         check_runtime(cfg.dssgd.order, runtime)
         for i, (name, fraction) in enumerate(names):
             state = _run_one(ctx, runtime, name, fraction, i * cfg.dssgd.rounds)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,13 +23,16 @@ from veil.experiment.config import ExperimentConfig
 from veil.models import build_model
 from veil.runtime import RayRuntime, SimulationRuntime
 
+if TYPE_CHECKING:
+    from veil.experiment._network import NetworkRuntime
+
 __all__ = ["open_runtime"]
 
 
 @contextmanager
 def open_runtime(
     config: ExperimentConfig, train: Dataset, client_indices: Sequence[np.ndarray]
-) -> Iterator[SimulationRuntime | RayRuntime]:
+) -> Iterator[SimulationRuntime | RayRuntime | NetworkRuntime]:
     """The runtime ``config.runtime`` names, holding ``train`` split by
     ``client_indices``; closed on exit."""
     model_fn = functools.partial(build_model, config.model.name)
