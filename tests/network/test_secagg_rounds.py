@@ -1,0 +1,207 @@
+"""Secure aggregation rounds over HTTP: the simulation's model, what the server
+sees, dropouts at each step, too many dropouts, and a restart mid-protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load
+from scipy import stats
+
+from tests.network.secagg_harness import (
+    CLIENTS,
+    SecureHarness,
+    secure_dp_fedavg,
+    secure_fedavg,
+    simulate,
+)
+from veil.errors import ConfigError
+from veil.learning import FedAvg, SGDTrainer
+from veil.network import FederatedServer, StateStore
+from veil.network.secagg import SecureFederatedServer
+from veil.network.secagg_device import SecureSession
+from veil.secagg import Step
+from veil.secagg.messages import MaskedInput, decode
+
+
+def assert_same_model(a: Any, b: Any) -> None:
+    assert a.global_state.keys() == b.global_state.keys()
+    for name in a.global_state:
+        assert torch.equal(a.global_state[name], b.global_state[name]), name
+
+
+def fixed_dropouts(algorithm: Any, plan: dict[Step, list[int]]) -> Any:
+    """The simulation's dropouts replaced by ``plan`` (client ids by the step they
+    drop out before), the same in every round."""
+    algorithm._dropouts = lambda rnd, clients: {s: list(plan.get(s, [])) for s in Step}
+    return algorithm
+
+
+def test_secure_fedavg_over_http_equals_simulation(tmp_path: Path) -> None:
+    h = SecureHarness(tmp_path, secure_fedavg())
+    h.run(rounds=2)
+    assert h.error is None
+    reference = secure_fedavg()
+    simulate(reference, rounds=2)
+    assert_same_model(h.algorithm, reference)
+    status = h.server.status()
+    assert status["rounds_aggregated"] == 2 and status["updates_accepted"] == 0
+    assert reference.last_included == h.algorithm.last_included == tuple(range(CLIENTS))
+
+
+def test_secagg_plus_over_http_equals_simulation(tmp_path: Path) -> None:
+    """SecAgg+ (k = 2): the server picks a fresh graph seed; the sum, and so the
+    model, does not depend on it."""
+    h = SecureHarness(tmp_path, secure_fedavg(neighbours=4, threshold=0.6))
+    h.run(rounds=1)
+    assert h.error is None
+    reference = secure_fedavg(neighbours=4, threshold=0.6)
+    simulate(reference, rounds=1)
+    assert_same_model(h.algorithm, reference)
+
+
+def test_secure_dp_fedavg_over_http_equals_simulation_and_ledger(
+    tmp_path: Path,
+) -> None:
+    h = SecureHarness(tmp_path, secure_dp_fedavg())
+    h.run(rounds=2)
+    assert h.error is None
+    reference = secure_dp_fedavg()
+    simulate(reference, rounds=2)
+    assert_same_model(h.algorithm, reference)
+    assert h.algorithm.ledger.events == reference.ledger.events
+    assert h.server.status()["ledger_entries"] == 2
+
+
+def test_server_sees_masked_vectors_and_unmasks_the_exact_sum(tmp_path: Path) -> None:
+    h = SecureHarness(tmp_path, secure_fedavg())
+    h.run(rounds=1)
+    assert h.error is None
+    inputs = {k: v for (rnd, k), v in h.recorder.inputs.items() if rnd == 1}
+    bits = h.algorithm.secagg.bits
+
+    # what crossed the wire for each client: the masked vector, not its input
+    masked = {
+        k: load(body)["masked_input"]
+        for path, k, body in h.sent
+        if path.endswith("/masked-input")
+    }
+    assert sorted(masked) == sorted(inputs) == list(range(CLIENTS))
+    for k, y in masked.items():
+        x = inputs[k]
+        assert y.dtype == x.dtype and y.shape == x.shape
+        # uniform over [0, 2**bits): chi-square over 16 equal bins of the top bits
+        counts = np.bincount((y >> np.uint32(bits - 4)).astype(np.int64), minlength=16)
+        assert stats.chisquare(counts).pvalue > 1e-4, k
+        # and uncorrelated with the client's encoded input
+        r = np.corrcoef(y.astype(np.float64), x.astype(np.float64))[0, 1]
+        assert abs(r) < 5 / np.sqrt(len(x)), (k, r)
+        assert not np.array_equal(y, x)
+
+    # the unmasked result is the exact sum of the included inputs modulo 2**bits
+    total, included = h.recorder.sums[1]
+    expected = sum(inputs[k].astype(object) for k in included) % 2**bits
+    assert included == tuple(range(CLIENTS))
+    assert np.array_equal(total.astype(object), expected)
+
+
+def test_dropouts_after_share_keys_and_after_masked_input(tmp_path: Path) -> None:
+    """Client 1 stops after sharing keys (no masked input), client 4 after its
+    masked input (no unmasking): the sum holds every input but client 1's, and
+    the model is the simulation's with the same dropouts."""
+    h = SecureHarness(tmp_path, secure_fedavg(), step_timeout=0.5)
+    h.run(rounds=1, stop_after={1: Step.SHARE_KEYS, 4: Step.MASKED_INPUT})
+    assert h.error is None
+    total, included = h.recorder.sums[1]
+    assert included == (0, 2, 3, 4, 5)
+    inputs = {k: v for (_, k), v in h.recorder.inputs.items()}
+    expected = sum(inputs[k].astype(object) for k in included) % 2**32
+    assert np.array_equal(total.astype(object), expected)
+    reference = fixed_dropouts(
+        secure_fedavg(), {Step.MASKED_INPUT: [1], Step.UNMASKING: [4]}
+    )
+    simulate(reference, rounds=1)
+    assert_same_model(h.algorithm, reference)
+
+
+def test_too_many_dropouts_fail_the_round_and_the_next_runs(tmp_path: Path) -> None:
+    """Three of six stop after sharing keys: three masked inputs are fewer than
+    t = 4, so round 1 fails with the reason and round 2 still runs (and fails the
+    same way, as the same clients drop again)."""
+    algorithm = secure_fedavg()
+    before = {k: v.clone() for k, v in algorithm.global_state.items()}
+    h = SecureHarness(tmp_path, algorithm, step_timeout=0.5)
+    stop = dict.fromkeys((0, 2, 5), Step.SHARE_KEYS)
+    h.run(rounds=2, stop_after=stop)
+    assert h.error is None
+    rows = h.store.rounds()
+    assert [r.status for r in rows] == ["failed", "failed"]
+    assert "secure aggregation aborted" in (rows[0].reason or "")
+    assert "fewer than the threshold 4" in (rows[0].reason or "")
+    assert all(torch.equal(before[k], v) for k, v in algorithm.global_state.items())
+    assert algorithm.take_metrics()["secagg_aborted"] == 2
+
+
+def test_a_refused_round_can_stop_the_server(tmp_path: Path) -> None:
+    h = SecureHarness(
+        tmp_path, secure_fedavg(), step_timeout=0.3, on_failed_round="stop"
+    )
+    h.run(rounds=2, stop_after=dict.fromkeys((0, 2, 5), Step.SHARE_KEYS))
+    assert h.error is not None and "secure aggregation aborted" in str(h.error)
+    assert [r.status for r in h.store.rounds()] == ["failed"]
+
+
+def test_restart_mid_protocol_fails_that_round_and_runs_the_next(
+    tmp_path: Path,
+) -> None:
+    """A server stopped after the masked input step (its protocol state lost)
+    restarts on the same folder: the round is failed with the reason, the next
+    round runs, and its model is the simulation's round 1 model on round 2."""
+    first = SecureHarness(tmp_path, secure_fedavg(), step_timeout=0.3)
+    first.enrol_all()
+    closed = first.server._next_step
+
+    def stop_before_unmasking(sec: Any, step: Step, finish: Any) -> None:
+        closed(sec, step, finish)
+        if step is Step.UNMASKING:
+            first.server.finish()  # as if killed: the round is still open on disk
+
+    first.server._next_step = stop_before_unmasking  # type: ignore[method-assign]
+    first.run(rounds=1)
+    assert [r.status for r in first.store.rounds()] == ["open"]
+    first.store.close()
+
+    second = SecureHarness(tmp_path, secure_fedavg())
+    second.tokens = first.tokens
+    rows = second.store.rounds()
+    assert rows[0].status == "failed" and "restarted" in (rows[0].reason or "")
+    assert second.server.next_round == 2
+    second.run(rounds=2)
+    assert second.error is None
+    assert [r.status for r in second.store.rounds()] == ["failed", "aggregated"]
+
+
+def test_plain_algorithms_and_secure_noise_are_refused(tmp_path: Path) -> None:
+    plain = FedAvg(
+        secure_fedavg().global_state, CLIENTS, 1.0, SGDTrainer(0.1, 1, 10), 0
+    )
+    with pytest.raises(ConfigError, match="needs a secure algorithm"):
+        SecureFederatedServer(plain, StateStore(tmp_path / "a"), CLIENTS)
+    with pytest.raises(ConfigError, match="without secure aggregation"):
+        FederatedServer(secure_fedavg(), StateStore(tmp_path / "b"), CLIENTS)
+    noisy = secure_dp_fedavg()
+    noisy.secure_noise = True
+    with pytest.raises(ConfigError, match="secure_noise must be false"):
+        SecureFederatedServer(noisy, StateStore(tmp_path / "c"), CLIENTS)
+
+
+def test_session_refuses_an_unexpected_first_message() -> None:
+    session = SecureSession(secure_fedavg(), None, None, None)  # type: ignore[arg-type]
+    masked = MaskedInput(1, 0, (), 8, np.zeros(3, np.uint8)).encode()
+    assert isinstance(decode(masked), MaskedInput)
+    with pytest.raises(Exception, match="round config"):
+        session._answer(Step.ADVERTISE_KEYS, masked)
