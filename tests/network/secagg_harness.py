@@ -102,7 +102,7 @@ class SecureHarness:
         folder: Path,
         algorithm: Any,
         round_timeout: float = 20.0,
-        step_timeout: float = 1.0,
+        step_timeout: float = 30.0,
         on_failed_round: str = "next",
     ) -> None:
         self.algorithm = algorithm

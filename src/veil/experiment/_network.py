@@ -142,6 +142,12 @@ def _make_server(
     """A secure server for a secure algorithm, else a plain one."""
     n = config.data.num_clients
     if is_secure(algorithm):
+        if config.secagg.dropout_rate > 0:
+            logger.warning(
+                "secagg.dropout_rate = %g is ignored by the network runtime: "
+                "dropouts there are real (devices that miss a step's deadline)",
+                config.secagg.dropout_rate,
+            )
         return SecureFederatedServer(
             algorithm, store, n, settings, served, delta, config.secagg.step_timeout
         )

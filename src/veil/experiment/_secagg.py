@@ -249,6 +249,12 @@ class SecureFedAvg(FedAvg):
         """Count a round whose protocol aborted (the model is unchanged)."""
         self._add("secagg_aborted", 1)
 
+    def note_traffic(self, bytes_up: int, bytes_down: int, included: int) -> None:
+        """Count a network round's protocol bytes (``included`` inputs summed)."""
+        self._add("secagg_bytes_up", bytes_up)
+        self._add("secagg_bytes_down", bytes_down)
+        self._add("secagg_plain_bytes", included * encoded_size(self.global_state))
+
     # ---- metrics --------------------------------------------------------------
 
     def _add(self, key: str, value: float) -> None:

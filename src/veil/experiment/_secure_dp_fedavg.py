@@ -262,6 +262,12 @@ class SecureDPFedAvg(DPFedAvg):
         """Count a round whose protocol aborted (nothing released)."""
         self._totals["secagg_aborted"] = self._totals.get("secagg_aborted", 0) + 1
 
+    def note_traffic(self, bytes_up: int, bytes_down: int, included: int) -> None:
+        """Count a network round's protocol bytes."""
+        t = self._totals
+        t["secagg_bytes_up"] = t.get("secagg_bytes_up", 0) + bytes_up
+        t["secagg_bytes_down"] = t.get("secagg_bytes_down", 0) + bytes_down
+
     # ---- metrics ----------------------------------------------------------------
 
     def _record(self, result: SecureSum) -> None:

@@ -128,6 +128,9 @@ class SecureAlgorithm(Protocol):
     def note_aborted(self, rnd: int) -> None:
         """Count a round whose protocol aborted."""
 
+    def note_traffic(self, bytes_up: int, bytes_down: int, included: int) -> None:
+        """Count a round's protocol bytes, sent and received by the clients."""
+
 
 def is_secure(algorithm: object) -> bool:
     """Whether ``algorithm`` aggregates with secure aggregation."""
@@ -335,6 +338,18 @@ class SecureFederatedServer(FederatedServer):
             self._lock.notify_all()
         logger.info("round %d: client %d answered %s", rnd, client_id, STEP_NAMES[step])
 
+    def status(self) -> dict[str, Any]:
+        """As :meth:`FederatedServer.status`, with the open round's secure
+        aggregation step and how many clients answered it."""
+        out = super().status()
+        with self._lock:
+            sec = self._secure
+            if sec is not None and out["open_round"] is not None:
+                out["open_round"]["secagg_step"] = STEP_NAMES[sec.step]
+                out["open_round"]["secagg_answered"] = len(sec.answered)
+                out["open_round"]["secagg_dropped"] = len(sec.server.dropped)
+        return out
+
     # --- the round loop ----------------------------------------------------------
     def run_round(self, algorithm: FederatedAlgorithm, rnd: int) -> RoundStats:
         """Open round ``rnd``, run the four steps with their deadlines, then
@@ -480,6 +495,8 @@ class SecureFederatedServer(FederatedServer):
         advertised keys, plus every server message fetched (JSON). The server
         never sees a loss, so ``train_loss`` is NaN."""
         seconds = time.perf_counter() - start
+        secure: Any = self.algorithm
+        secure.note_traffic(sec.bytes_up, sec.bytes_down, clients)
         return RoundStats(
             sec.round, clients, sec.bytes_up, sec.bytes_down, math.nan, seconds
         )

@@ -84,8 +84,10 @@ class SecureSession:
             self.done = True
             return False
         body = r.json()
-        step = _STEPS[body["step"]]
+        step = _STEPS.get(body.get("step"))
         try:
+            if step is None or not isinstance(body.get("message"), dict):
+                raise VeilError(f"the server sent no step this device knows: {body}")
             answer = self._answer(step, server_message(body["message"]))
         except VeilError as exc:  # the client refuses: the server sees a dropout
             logger.warning("client %d: stops in round %d: %s", k, rnd, exc)
