@@ -208,3 +208,46 @@ def test_session_refuses_an_unexpected_first_message() -> None:
     assert isinstance(decode(masked), MaskedInput)
     with pytest.raises(Exception, match="round config"):
         session._answer(Step.ADVERTISE_KEYS, masked)
+
+
+def test_device_built_from_the_served_config_encodes_as_the_server_decodes() -> None:
+    """DP-FedAvg without ``secagg.clip_range``: the server's range is S + 6 s per
+    round; a device built from the served config gets it from its task, so its
+    encoded input is the one the simulation encodes."""
+    import tomllib
+
+    from veil.experiment._network import _build, server_side
+    from veil.experiment.config import parse_config
+    from veil.learning import ClientResult
+    from veil.learning.dp_fedavg import UNCLIPPED
+
+    text = """
+    methods = ["dp-fedavg"]
+    [data]
+    dataset = "tuandromd"
+    num_clients = 10
+    [model]
+    name = "tuandromd-mlp"
+    [dp_fedavg]
+    sampling = "fixed"
+    sample_rate = 0.5
+    clipping_norm = 0.5
+    noise_multiplier = 1.0
+    accountant = "rdp"
+    placement = "distributed"
+    adaptive_clipping = true
+    secure_aggregation = true
+    """
+    server, served, _ = server_side(parse_config(tomllib.loads(text)), "dp-fedavg")
+    device, _ = _build(parse_config(served), "dp-fedavg", server.global_state)
+    tasks = server.configure_round(1)
+    g = torch.Generator().manual_seed(0)
+    update = {
+        k: 0.1 * torch.randn(v.shape, generator=g)
+        for k, v in server.global_state.items()
+    }
+    result = ClientResult(tasks[0].client_id, 1, update, 10, 0.0, {UNCLIPPED: 0.3})
+    on_device = device.secure_input(tasks[0], result, len(tasks))
+    expected = server.encoder(len(tasks)).encode(server.client_values(1, result))
+    assert server.clip_range is None and server.ranges(1)[0] != 1.0
+    assert np.array_equal(on_device, expected)

@@ -42,23 +42,26 @@ from veil.experiment._secagg import SecurePlan, round_graph, simulated_dropouts
 from veil.experiment.config import ExperimentConfig, SecAggConfig
 from veil.learning import ClientResult, DPFedAvg, StateDict
 from veil.learning._types import ClientTask
-from veil.learning.dp_fedavg import (
-    CLIPPING_NORM,
-    COUNT_NOISE_STD,
-    UNCLIPPED,
-    UPDATE_NOISE_STD,
-    RoundRecord,
-)
+from veil.learning.dp_fedavg import UNCLIPPED, RoundRecord
 from veil.learning.user_dp import NoisePlacement, add_noise
 from veil.secagg import FixedPoint, SecureSum, secure_sum
 
-__all__ = ["RANGE_SIGMAS", "SecureDPFedAvg", "secure_dp_fedavg"]
+__all__ = [
+    "COUNT_RANGE",
+    "RANGE_SIGMAS",
+    "UPDATE_RANGE",
+    "SecureDPFedAvg",
+    "secure_dp_fedavg",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Standard deviations of a client's noise share that the default ranges leave room
 #: for beyond the clipped value.
 RANGE_SIGMAS = 6.0
+#: Task settings carrying the round's encoding ranges ``r`` and ``r_b``.
+UPDATE_RANGE = "secagg_update_range"
+COUNT_RANGE = "secagg_count_range"
 
 
 @dataclasses.dataclass
@@ -113,12 +116,26 @@ class SecureDPFedAvg(DPFedAvg):
         except SecAggError as exc:
             raise ConfigError(f"'secagg.bits': {exc}") from None
 
-    def task_ranges(self, settings: dict[str, float]) -> tuple[float, float]:
-        """``(r, r_b)`` from a task's settings (its round's ``S`` and noise shares):
-        what a device computes, equal to :meth:`ranges` on the server."""
-        r = settings[CLIPPING_NORM] + RANGE_SIGMAS * settings[UPDATE_NOISE_STD]
-        r_b = 0.5 + RANGE_SIGMAS * settings[COUNT_NOISE_STD]
-        return self.clip_range or r, r_b
+    def configure_round(self, rnd: int) -> list[ClientTask]:
+        """DP-FedAvg's tasks, each also carrying the round's public encoding ranges
+        ``(r, r_b)`` (:data:`UPDATE_RANGE`, :data:`COUNT_RANGE`), so a device
+        encodes exactly as the server decodes."""
+        tasks = super().configure_round(rnd)
+        r, r_b = self.ranges(rnd)
+        for task in tasks:
+            task.settings[UPDATE_RANGE], task.settings[COUNT_RANGE] = r, r_b
+        return tasks
+
+    @staticmethod
+    def task_ranges(settings: dict[str, float]) -> tuple[float, float]:
+        """``(r, r_b)`` as a task carries them (equal to :meth:`ranges`)."""
+        try:
+            return settings[UPDATE_RANGE], settings[COUNT_RANGE]
+        except KeyError:
+            raise ConfigError(
+                f"a secure DP-FedAvg task must carry {UPDATE_RANGE!r} and "
+                f"{COUNT_RANGE!r}; got settings {sorted(settings)}"
+            ) from None
 
     def client_values(self, rnd: int, result: ClientResult) -> np.ndarray:
         """The client's vector before encoding: its clipped, noised update over
