@@ -41,8 +41,10 @@ from veil.secagg import Step
 
 __all__ = [
     "AdvertiseKeysBody",
+    "Ciphertext",
     "SecAggAccepted",
     "SecAggStep",
+    "Share",
     "ShareKeysBody",
     "UnmaskingBody",
     "add_secagg_routes",

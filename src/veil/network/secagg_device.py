@@ -65,6 +65,7 @@ class SecureSession:
         self.stop_after = stop_after
         self.client: SecAggClient | None = None
         self.done = False
+        self.completed = False  # its unmasking answer was taken
 
     @property
     def round(self) -> int:
@@ -93,9 +94,13 @@ class SecureSession:
             logger.warning("client %d: stops in round %d: %s", k, rnd, exc)
             self.done = True
             return False
-        self._send(http, step, answer)
+        # a refused answer is not fatal here: the next poll says whether the
+        # client is still in the round (an answer taken before a lost response
+        # gets 409 when retried, and the client goes on)
+        taken = self._send(http, step, answer)
         if step is Step.UNMASKING or step == self.stop_after:
             self.done = True
+            self.completed = taken and step is Step.UNMASKING
         return True
 
     def _answer(self, step: Step, message: bytes) -> bytes:
@@ -115,7 +120,8 @@ class SecureSession:
             return self.client.masked_input(message)
         return self.client.unmask(message)
 
-    def _send(self, http: DeviceClient, step: Step, answer: bytes) -> None:
+    def _send(self, http: DeviceClient, step: Step, answer: bytes) -> bool:
+        """Post the answer; whether the server took it."""
         path = f"/v1/rounds/{self.round}/secagg/{STEP_NAMES[step]}"
         headers = _bearer(self.ident.token)
         if step is Step.MASKED_INPUT:
@@ -124,15 +130,17 @@ class SecureSession:
             )
         else:
             r = http.request("POST", path, json=client_body(answer), headers=headers)
-        if r.status_code != 201:
-            logger.warning(
-                "client %d: round %d %s refused (%d %s)",
-                self.ident.client_id,
-                self.round,
-                STEP_NAMES[step],
-                r.status_code,
-                r.text[:300],
-            )
+        if r.status_code == 201:
+            return True
+        logger.warning(
+            "client %d: round %d %s refused (%d %s)",
+            self.ident.client_id,
+            self.round,
+            STEP_NAMES[step],
+            r.status_code,
+            r.text[:300],
+        )
+        return False
 
 
 class _SecureDevice(_Device):
@@ -153,7 +161,7 @@ class _SecureDevice(_Device):
                 worked |= session.poll(self.client)
                 if session.done:
                     del self.sessions[ident.client_id]
-                    self.sent += 1
+                    self.sent += session.completed
                 continue
             r = self.client.request("GET", "/v1/task", headers=_bearer(ident.token))
             if r.status_code == 410:
@@ -194,7 +202,7 @@ def run_secure_device(
     stop_after: Mapping[int, Step] | None = None,
 ) -> int:
     """:func:`~veil.network.device.run_device` for a server that aggregates
-    securely; returns the secure rounds the device's clients took part in.
+    securely; returns how many (client, round) pairs answered every step.
 
     Args:
         client, algorithm, model, data, identities: as for ``run_device``.
@@ -210,7 +218,7 @@ def run_secure_device(
     while True:
         worked = device.step()
         if worked is None:
-            logger.info("device done: %d secure rounds", device.sent)
+            logger.info("device done: %d secure rounds completed", device.sent)
             return device.sent
         if worked:
             poll.reset()
