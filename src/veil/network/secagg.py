@@ -258,6 +258,10 @@ class SecureFederatedServer(FederatedServer):
                 of the round (dropped, with the reason); 403 not invited.
         """
         with self._lock:
+            cur = self._round
+            opening = cur is not None and cur.round == rnd and not cur.closed
+            if self._secure is None and opening:
+                return None  # opened a moment ago: its protocol is being set up
             sec = self._current(client_id, rnd)
             if sec.closing or client_id in sec.answered:
                 return None
@@ -411,8 +415,8 @@ class SecureFederatedServer(FederatedServer):
         sa = sec.server
         self._collect(sec)
         with self._lock:
-            assert self._round is not None
-            self._round.closed = True  # no more tasks or model downloads
+            if self._round is not None:
+                self._round.closed = True  # no more tasks or model downloads
         self._next_step(sec, Step.SHARE_KEYS, sa.finish_advertise_keys)
         self._collect(sec)
         self._next_step(sec, Step.MASKED_INPUT, sa.finish_share_keys)
@@ -463,8 +467,8 @@ class SecureFederatedServer(FederatedServer):
         """A round of fewer than 2 clients: none is aggregated as the algorithm
         aggregates an empty round; one is refused (its sum would be its input)."""
         with self._lock:
-            assert self._round is not None
-            self._round.closed = True
+            if self._round is not None:
+                self._round.closed = True
         if not invited:
             self._commit(rnd, lambda: self.algorithm.aggregate(rnd, []))
             return RoundStats(rnd, 0, 0, 0, math.nan, time.perf_counter() - start)
