@@ -196,10 +196,35 @@ def test_plain_algorithms_and_secure_noise_are_refused(tmp_path: Path) -> None:
         SecureFederatedServer(plain, StateStore(tmp_path / "a"), CLIENTS)
     with pytest.raises(ConfigError, match="without secure aggregation"):
         FederatedServer(secure_fedavg(), StateStore(tmp_path / "b"), CLIENTS)
-    noisy = secure_dp_fedavg()
+    noisy = tiny_dp_fedavg_plain()
     noisy.secure_noise = True
     with pytest.raises(ConfigError, match="secure_noise must be false"):
-        SecureFederatedServer(noisy, StateStore(tmp_path / "c"), CLIENTS)
+        FederatedServer(noisy, StateStore(tmp_path / "c"), CLIENTS)
+
+
+def test_secure_noise_runs_under_secure_aggregation(tmp_path: Path) -> None:
+    """With secure aggregation no round is resumed after a restart, so noise and
+    Poisson sampling from os.urandom are allowed: the rounds aggregate and the
+    ledger records them (the model is not reproducible, by design)."""
+    algorithm = secure_dp_fedavg()
+    algorithm.secure_noise = True
+    h = SecureHarness(tmp_path, algorithm)
+    h.run(rounds=1)
+    assert h.error is None
+    assert [r.status for r in h.store.rounds()] == ["aggregated"]
+    assert h.server.status()["ledger_entries"] == 1
+    reference = secure_dp_fedavg()
+    simulate(reference, rounds=1)
+    assert any(
+        not torch.equal(algorithm.global_state[k], reference.global_state[k])
+        for k in reference.global_state
+    )  # fresh noise: not the seeded simulation's model
+
+
+def tiny_dp_fedavg_plain() -> Any:
+    from tests.network.test_rounds import tiny_dp_fedavg
+
+    return tiny_dp_fedavg()
 
 
 def test_session_refuses_an_unexpected_first_message() -> None:

@@ -194,11 +194,8 @@ class SecureFederatedServer(FederatedServer):
                 f"{type(algorithm).__name__}; use FederatedServer"
             )
         if isinstance(algorithm, DPFedAvg):
-            if algorithm.secure_noise:
-                raise ConfigError(
-                    "dp_fedavg.secure_noise must be false for the network runtime "
-                    "(its client sample cannot be re-drawn after a restart), got true"
-                )
+            # secure_noise is fine here: a restart fails the open round instead of
+            # resuming it, so its client sample never has to be drawn again
             return "dp-fedavg"
         if isinstance(algorithm, FedAvg) and algorithm.trainer_for is None:
             return "fedavg"
