@@ -248,7 +248,17 @@ def test_polling_refusals(tmp_path: Path) -> None:
     the round is told why."""
     m = Manual(tmp_path, secure_dp_fedavg())
     left_out = next(k for k in range(CLIENTS) if k not in m.invited)
-    assert m.h.get("/v1/rounds/1/secagg", left_out).status_code == 403
+    r = m.h.get("/v1/rounds/1/secagg", left_out)
+    assert r.status_code == 403 and "not among" in r.json()["error"]
+    admin = (m.h.store.folder / "admin_token").read_text().strip()
+    revoke = m.h.http.post(f"/v1/clients/{left_out}/revoke", headers=bearer(admin))
+    assert revoke.status_code == 200
+    r = m.h.post(
+        "/v1/rounds/1/secagg/advertise-keys",
+        left_out,
+        **WELL_FORMED[Step.ADVERTISE_KEYS],
+    )
+    assert r.status_code == 403 and "revoked" in r.json()["error"]
     assert m.h.get("/v1/rounds/7/secagg", m.held).status_code == 409
     r = m.h.http.get("/v1/rounds/1/secagg", headers=bearer("nope"))
     assert r.status_code == 401 and "unknown" in r.json()["error"]
