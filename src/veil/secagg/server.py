@@ -192,15 +192,6 @@ class SecAggServer:
         self._received[sender] = message
         return True
 
-    def expects(self, sender: int) -> bool:
-        """Whether ``sender`` is still expected to send a message this step."""
-        return (
-            self._aborted is None
-            and not self._done
-            and sender in self._active
-            and sender not in self._received
-        )
-
     def check(self, sender: int, data: bytes) -> Message:
         """The message in ``data`` if :meth:`receive` would accept it from
         ``sender`` now; changes nothing (a transport can refuse a bad request
