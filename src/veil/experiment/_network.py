@@ -144,8 +144,9 @@ def _make_server(
     if is_secure(algorithm):
         if config.secagg.dropout_rate > 0:
             logger.warning(
-                "secagg.dropout_rate = %g is ignored by the network runtime: "
-                "dropouts there are real (devices that miss a step's deadline)",
+                "secagg.dropout_rate = %g: the network runtime simulates no "
+                "dropouts (they are real: devices that miss a step's deadline); "
+                "the rate only sizes SecAgg+'s k when neighbours = 'auto'",
                 config.secagg.dropout_rate,
             )
         return SecureFederatedServer(
