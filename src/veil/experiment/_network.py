@@ -30,16 +30,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from veil._seeding import Stream, numpy_rng
 from veil.data import load_dataset, partition
 from veil.errors import ConfigError
+from veil.experiment._secagg import SecureFedAvg, secure_fedavg
 from veil.experiment.config import ExperimentConfig, parse_config
 from veil.learning import FedAvg, SGDTrainer
 from veil.models import build_model
 from veil.network import FederatedServer, ServerSettings, StateStore, create_app
+from veil.network.secagg import SecureFederatedServer, is_secure
 from veil.runtime import FederatedAlgorithm, RoundStats
 
 __all__ = [
@@ -78,12 +81,19 @@ def _served(config: ExperimentConfig, algorithm: FederatedAlgorithm) -> dict[str
     multiplier = getattr(algorithm, "noise_multiplier", None)
     if multiplier is not None:
         raw["dp_fedavg"]["noise_multiplier"] = multiplier
+    if isinstance(algorithm, SecureFedAvg):  # the weights' public bound, resolved
+        raw["secagg"]["max_examples"] = algorithm.max_examples
     return dict(raw)
 
 
 def _build(
-    config: ExperimentConfig, method: str, state: dict[str, torch.Tensor]
+    config: ExperimentConfig,
+    method: str,
+    state: dict[str, torch.Tensor],
+    shards: Callable[[], list[np.ndarray]] | None = None,
 ) -> tuple[FederatedAlgorithm, float | None]:
+    """The algorithm of ``method``; ``shards`` gives the clients' example indices
+    when secure FedAvg must find its weights' bound (``secagg.max_examples``)."""
     num_clients = config.data.num_clients
     if method == "dp-fedavg":
         from veil.experiment._dp_fedavg import build_dp_fedavg
@@ -97,6 +107,15 @@ def _build(
         trainer=SGDTrainer(local.lr, local.epochs, local.batch_size),
         seed=config.seed,
     )
+    if config.fedavg.secure_aggregation:
+        bound = config.secagg.max_examples
+        if bound is None and shards is None:
+            raise ConfigError(
+                "secure FedAvg over the network needs secagg.max_examples (the "
+                "public bound on a client's example count), or the dataset to find it"
+            )
+        indices = shards() if bound is None and shards is not None else [range(1)]
+        return secure_fedavg(algorithm, config, indices), None  # type: ignore[arg-type]
     return algorithm, None
 
 
@@ -105,24 +124,68 @@ def _check_method(config: ExperimentConfig, method: str) -> None:
         raise ConfigError(f"method must be one of {list(METHODS)}, got {method!r}")
     if method == "dp-fedavg" and config.dp_fedavg is None:
         raise ConfigError("method 'dp-fedavg' needs a [dp_fedavg] section")
-    if method == "fedavg" and (
-        config.fedavg.local_dp or config.fedavg.secure_aggregation
-    ):
+    if method == "fedavg" and config.fedavg.local_dp:
         raise ConfigError(
-            "fedavg.local_dp and fedavg.secure_aggregation must be false for the "
-            "network runtime (not carried over the network yet)"
+            "fedavg.local_dp must be false for the network runtime (a client's "
+            "DP-SGD ledger lives on the device and is not carried yet), got true"
         )
 
 
+def _make_server(
+    config: ExperimentConfig,
+    algorithm: FederatedAlgorithm,
+    store: StateStore,
+    settings: ServerSettings,
+    served: dict[str, Any],
+    delta: float | None = None,
+) -> FederatedServer:
+    """A secure server for a secure algorithm, else a plain one."""
+    n = config.data.num_clients
+    if is_secure(algorithm):
+        if config.secagg.dropout_rate > 0:
+            logger.warning(
+                "secagg.dropout_rate = %g: the network runtime simulates no "
+                "dropouts (they are real: devices that miss a step's deadline); "
+                "the rate only sizes SecAgg+'s k when neighbours = 'auto'",
+                config.secagg.dropout_rate,
+            )
+        return SecureFederatedServer(
+            algorithm, store, n, settings, served, delta, config.secagg.step_timeout
+        )
+    return FederatedServer(algorithm, store, n, settings, served, delta)
+
+
+def _shards(
+    config: ExperimentConfig, data_dir: str | Path | None
+) -> tuple[Any, list[np.ndarray]]:
+    """The local dataset and each client's example indices, split exactly as
+    ``run_experiment`` splits them."""
+    d = config.data
+    dataset = load_dataset(d.dataset, data_dir or d.data_dir)
+    shards = partition(
+        d.partition,
+        dataset.train.y.numpy(),
+        d.num_clients,
+        numpy_rng(config.seed, Stream.PARTITION),
+        users=dataset.train.users,
+        alpha=d.alpha,
+        shards_per_client=d.shards_per_client,
+    )
+    return dataset, list(shards)
+
+
 def server_side(
-    config: ExperimentConfig, method: str
+    config: ExperimentConfig, method: str, data_dir: str | Path | None = None
 ) -> tuple[FederatedAlgorithm, dict[str, Any], float | None]:
     """The server's algorithm for ``method``, the config devices are served and the
-    delta at which epsilon is stated (DP-FedAvg)."""
+    delta at which epsilon is stated (DP-FedAvg). Secure FedAvg without
+    ``secagg.max_examples`` reads the training labels to find the largest client."""
     from veil.experiment.runner import initial_state
 
     _check_method(config, method)
-    algorithm, delta = _build(config, method, initial_state(config))
+    algorithm, delta = _build(
+        config, method, initial_state(config), lambda: _shards(config, data_dir)[1]
+    )
     return algorithm, _served(config, algorithm), delta
 
 
@@ -137,18 +200,8 @@ def client_side(
     config = parse_config(served)
     _check_method(config, method)
     model = build_model(config.model.name)
-    algorithm, _ = _build(config, method, model.state_dict())
-    d = config.data
-    dataset = load_dataset(d.dataset, data_dir or d.data_dir)
-    shards = partition(  # exactly as run_experiment splits it
-        d.partition,
-        dataset.train.y.numpy(),
-        d.num_clients,
-        numpy_rng(config.seed, Stream.PARTITION),
-        users=dataset.train.users,
-        alpha=d.alpha,
-        shards_per_client=d.shards_per_client,
-    )
+    dataset, shards = _shards(config, data_dir)
+    algorithm, _ = _build(config, method, model.state_dict(), lambda: shards)
     x, y = dataset.train.x, dataset.train.y
 
     def data(client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,9 +280,8 @@ class NetworkRuntime:
     def _start(self, algorithm: FederatedAlgorithm) -> None:
         served = _served(self.config, algorithm)
         store = StateStore(self._folder.name)
-        self.server = FederatedServer(
-            algorithm, store, self.num_clients, server_settings(self.config), served
-        )
+        settings = server_settings(self.config)
+        self.server = _make_server(self.config, algorithm, store, settings, served)
         self._uvicorn, self._thread, port = start_uvicorn(create_app(self.server))
         self.url = f"http://127.0.0.1:{port}"
         for clients in _slices(self.num_clients, self.config.network.devices):
@@ -345,13 +397,11 @@ def serve(
 
     if (certfile is None) != (keyfile is None):
         raise ConfigError("give both --cert and --key for TLS, or neither")
-    algorithm, served, delta = server_side(config, method)
+    algorithm, served, delta = server_side(config, method, data_dir)
     folder = Path(state_dir)
     store = StateStore(folder)
     settings = replace(server_settings(config), enrolment_key=enrolment_key)
-    server = FederatedServer(
-        algorithm, store, config.data.num_clients, settings, served, delta
-    )
+    server = _make_server(config, algorithm, store, settings, served, delta)
     ssl = {} if certfile is None else {"ssl_certfile": str(certfile)}
     if keyfile is not None:
         ssl["ssl_keyfile"] = str(keyfile)
@@ -409,6 +459,10 @@ def join(
                     with os.fdopen(fd, "w") as f:
                         json.dump(known, f)
             identities.append(Identity(k, known[str(k)]))
+        if is_secure(algorithm):
+            from veil.network.secagg_device import run_secure_device
+
+            return run_secure_device(client, algorithm, model, data, identities)
         return run_device(client, algorithm, model, data, identities)
     finally:
         client.close()

@@ -39,6 +39,7 @@ from veil._seeding import numpy_rng
 from veil.errors import ConfigError, RoundAbortedError, SecAggError, UpdateError
 from veil.experiment.config import ExperimentConfig, SecAggConfig
 from veil.learning import ClientResult, FedAvg, StateDict, check_update, encoded_size
+from veil.learning._types import ClientTask
 from veil.secagg import (
     FixedPoint,
     SecureSum,
@@ -48,12 +49,35 @@ from veil.secagg import (
     threshold_for,
 )
 
-__all__ = ["SecureFedAvg", "round_graph", "secure_fedavg", "simulated_dropouts"]
+__all__ = [
+    "SecureFedAvg",
+    "SecurePlan",
+    "round_graph",
+    "secure_fedavg",
+    "simulated_dropouts",
+]
 
 logger = logging.getLogger(__name__)
 
 # Random stream of simulated dropouts, well clear of veil._seeding.Stream's numbers.
 _DROPOUT_STREAM = 1001
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurePlan:
+    """The protocol parameters of one secure round, public to every party.
+
+    Attributes:
+        bits: width b of the modulus ``2**b``.
+        length: elements of every client's input vector.
+        neighbours: k for SecAgg+; 0 for the full graph.
+        threshold: t, shares needed to reconstruct a client's secret.
+    """
+
+    bits: int
+    length: int
+    neighbours: int
+    threshold: int
 
 
 @dataclasses.dataclass
@@ -131,7 +155,12 @@ class SecureFedAvg(FedAvg):
 
     def mean_update(self, result: SecureSum) -> StateDict:
         """FedAvg's weighted mean update from the unmasked sum."""
-        sums = self.encoder.decode_sum(result.total, len(result.included))
+        return self.mean_of_sum(result.total, len(result.included))
+
+    def mean_of_sum(self, total: np.ndarray, count: int) -> StateDict:
+        """FedAvg's weighted mean update from ``total``, the unmasked sum of
+        ``count`` clients' encoded inputs (1-D, the inputs' unsigned type)."""
+        sums = self.encoder.decode_sum(total, count)
         weight = sums[-1]
         if weight <= 0:
             raise UpdateError(f"the weights in the secure sum add to {weight}, not > 0")
@@ -184,6 +213,47 @@ class SecureFedAvg(FedAvg):
             k,
             t,
         )
+
+    # ---- the network runtime's hooks (veil.network.secagg) ---------------------
+
+    def secure_plan(self, invited: int) -> SecurePlan:
+        """The protocol parameters of a round that invites ``invited`` clients."""
+        k, t = self._graph(invited)
+        length = sum(p.numel() for p in self.global_state.values()) + 1
+        return SecurePlan(self.secagg.bits, length, k, t)
+
+    def secure_input(
+        self, task: ClientTask, result: ClientResult, invited: int
+    ) -> np.ndarray:
+        """A device's encoded input for ``task`` (the same as in simulation)."""
+        return self.client_input(result)
+
+    def aggregate_sum(
+        self, rnd: int, total: np.ndarray, included: Sequence[int], invited: int
+    ) -> None:
+        """Apply the mean update from ``total``, the unmasked sum of the inputs of
+        ``included`` (the network server's secure round; the model changes exactly
+        as :meth:`aggregate` changes it for the same sum)."""
+        self.apply_mean(self.mean_of_sum(total, len(included)))
+        self._totals["secagg_clients"] = len(included)
+        self._add("secagg_dropped", invited - len(included))
+        self.last_included = tuple(sorted(included))
+        logger.info(
+            "round %d: securely aggregated %d of %d inputs over the network",
+            rnd,
+            len(included),
+            invited,
+        )
+
+    def note_aborted(self, rnd: int) -> None:
+        """Count a round whose protocol aborted (the model is unchanged)."""
+        self._add("secagg_aborted", 1)
+
+    def note_traffic(self, bytes_up: int, bytes_down: int, included: int) -> None:
+        """Count a network round's protocol bytes (``included`` inputs summed)."""
+        self._add("secagg_bytes_up", bytes_up)
+        self._add("secagg_bytes_down", bytes_down)
+        self._add("secagg_plain_bytes", included * encoded_size(self.global_state))
 
     # ---- metrics --------------------------------------------------------------
 

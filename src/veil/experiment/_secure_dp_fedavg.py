@@ -38,20 +38,30 @@ import numpy as np
 import torch
 
 from veil.errors import ConfigError, RoundAbortedError, SecAggError
-from veil.experiment._secagg import round_graph, simulated_dropouts
+from veil.experiment._secagg import SecurePlan, round_graph, simulated_dropouts
 from veil.experiment.config import ExperimentConfig, SecAggConfig
 from veil.learning import ClientResult, DPFedAvg, StateDict
+from veil.learning._types import ClientTask
 from veil.learning.dp_fedavg import UNCLIPPED, RoundRecord
 from veil.learning.user_dp import NoisePlacement, add_noise
 from veil.secagg import FixedPoint, SecureSum, secure_sum
 
-__all__ = ["RANGE_SIGMAS", "SecureDPFedAvg", "secure_dp_fedavg"]
+__all__ = [
+    "COUNT_RANGE",
+    "RANGE_SIGMAS",
+    "UPDATE_RANGE",
+    "SecureDPFedAvg",
+    "secure_dp_fedavg",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Standard deviations of a client's noise share that the default ranges leave room
 #: for beyond the clipped value.
 RANGE_SIGMAS = 6.0
+#: Task settings carrying the round's encoding ranges ``r`` and ``r_b``.
+UPDATE_RANGE = "secagg_update_range"
+COUNT_RANGE = "secagg_count_range"
 
 
 @dataclasses.dataclass
@@ -106,11 +116,34 @@ class SecureDPFedAvg(DPFedAvg):
         except SecAggError as exc:
             raise ConfigError(f"'secagg.bits': {exc}") from None
 
+    def configure_round(self, rnd: int) -> list[ClientTask]:
+        """DP-FedAvg's tasks, each also carrying the round's public encoding ranges
+        ``(r, r_b)`` (:data:`UPDATE_RANGE`, :data:`COUNT_RANGE`), so a device
+        encodes exactly as the server decodes."""
+        tasks = super().configure_round(rnd)
+        r, r_b = self.ranges(rnd)
+        for task in tasks:
+            task.settings[UPDATE_RANGE], task.settings[COUNT_RANGE] = r, r_b
+        return tasks
+
+    @staticmethod
+    def task_ranges(settings: dict[str, float]) -> tuple[float, float]:
+        """``(r, r_b)`` as a task carries them (equal to :meth:`ranges`)."""
+        try:
+            return settings[UPDATE_RANGE], settings[COUNT_RANGE]
+        except KeyError:
+            raise ConfigError(
+                f"a secure DP-FedAvg task must carry {UPDATE_RANGE!r} and "
+                f"{COUNT_RANGE!r}; got settings {sorted(settings)}"
+            ) from None
+
     def client_values(self, rnd: int, result: ClientResult) -> np.ndarray:
         """The client's vector before encoding: its clipped, noised update over
         ``r`` (then the indicator over ``r_b`` with adaptive clipping), every entry
         clipped to ``[-1, 1]`` (float64)."""
-        r, r_b = self.ranges(rnd)
+        return self._values(result, *self.ranges(rnd))
+
+    def _values(self, result: ClientResult, r: float, r_b: float) -> np.ndarray:
         flat = torch.cat(
             [
                 result.update[n].detach().to(torch.float64).flatten()
@@ -154,15 +187,23 @@ class SecureDPFedAvg(DPFedAvg):
             dropouts=dropouts,
         )  # fmt: skip
         self._record(result)
-        sums = fp.decode_sum(result.total, len(result.included))
+        total, count = self.decode_total(rnd, result.total, len(result.included), fp)
+        return total, count, len(result.included)
+
+    def decode_total(
+        self, rnd: int, code_sum: np.ndarray, included: int, fp: FixedPoint
+    ) -> tuple[StateDict, float]:
+        """The update sum (float64 tensors) and the summed indicator (0 without
+        adaptive clipping) from the unmasked sum of ``included`` inputs."""
+        sums = fp.decode_sum(code_sum, included)
         r, r_b = self.ranges(rnd)
-        flat, offset = torch.from_numpy(sums * r), 0
+        flat, offset, total = torch.from_numpy(sums * r), 0, {}
         for name, ref in self.global_state.items():
             size = ref.numel()
             total[name] = flat[offset : offset + size].reshape(ref.shape).clone()
             offset += size
         count = float(sums[-1] * r_b) if self.adaptive is not None else 0.0
-        return total, count, len(result.included)
+        return total, count
 
     def aggregate(self, rnd: int, results: Sequence[ClientResult]) -> None:
         """Securely sum the noised updates, top up dropped clients' noise, divide by
@@ -181,8 +222,13 @@ class SecureDPFedAvg(DPFedAvg):
             total, count, included = self.secure_total(rnd, results)
         except RoundAbortedError as exc:
             logger.warning("dp-fedavg round %d not aggregated: %s", rnd, exc)
-            self._totals["secagg_aborted"] = self._totals.get("secagg_aborted", 0) + 1
+            self.note_aborted(rnd)
             return
+        self._apply_total(rnd, total, count, included, len(results))
+
+    def _apply_total(
+        self, rnd: int, total: StateDict, count: float, included: int, invited: int
+    ) -> None:
         used_norm = self.clipping_norm
         update_std, count_std = self._server_noise(rnd, included)
         total = add_noise(total, update_std, self._noise(rnd, 0))
@@ -195,8 +241,49 @@ class SecureDPFedAvg(DPFedAvg):
         self.history.append(RoundRecord(rnd, included, used_norm, unclipped, math.nan))
         logger.info(
             "dp-fedavg round %d: securely summed %d of %d updates", rnd, included,
-            len(results),
+            invited,
         )  # fmt: skip
+
+    # ---- the network runtime's hooks (veil.network.secagg) -----------------------
+
+    def secure_plan(self, invited: int) -> SecurePlan:
+        """The protocol parameters of a round that invites ``invited`` clients."""
+        k, t = round_graph(self.secagg, invited)
+        length = sum(p.numel() for p in self.global_state.values())
+        length += 1 if self.adaptive is not None else 0
+        return SecurePlan(self.secagg.bits, length, k, t)
+
+    def secure_input(
+        self, task: ClientTask, result: ClientResult, invited: int
+    ) -> np.ndarray:
+        """A device's encoded input for ``task``, equal to what :meth:`aggregate`
+        encodes in simulation for a round of ``invited`` clients."""
+        values = self._values(result, *self.task_ranges(task.settings))
+        return self.encoder(invited).encode(values)
+
+    def aggregate_sum(
+        self, rnd: int, total: np.ndarray, included: Sequence[int], invited: int
+    ) -> None:
+        """Decode ``total``, the unmasked sum of the inputs of ``included`` in a
+        round that invited ``invited`` clients, and apply it exactly as
+        :meth:`aggregate` does (noise top-up, server step, ledger, ``S``)."""
+        fp = self.encoder(invited)
+        update, count = self.decode_total(rnd, total, len(included), fp)
+        self._totals["secagg_clients"] = len(included)
+        dropped = self._totals.get("secagg_dropped", 0) + invited - len(included)
+        self._totals["secagg_dropped"] = dropped
+        self.last_included = tuple(sorted(included))
+        self._apply_total(rnd, update, count, len(included), invited)
+
+    def note_aborted(self, rnd: int) -> None:
+        """Count a round whose protocol aborted (nothing released)."""
+        self._totals["secagg_aborted"] = self._totals.get("secagg_aborted", 0) + 1
+
+    def note_traffic(self, bytes_up: int, bytes_down: int, included: int) -> None:
+        """Count a network round's protocol bytes."""
+        t = self._totals
+        t["secagg_bytes_up"] = t.get("secagg_bytes_up", 0) + bytes_up
+        t["secagg_bytes_down"] = t.get("secagg_bytes_down", 0) + bytes_down
 
     # ---- metrics ----------------------------------------------------------------
 

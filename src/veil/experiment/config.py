@@ -130,7 +130,9 @@ class SecAggConfig(_Section):
     every coordinate of an update; ``bits`` is the modulus width. ``dropout_rate``
     makes each chosen client drop out, in simulation, with that probability at a
     step drawn uniformly. ``max_examples`` is the public bound on a client's example
-    count used for weighting (default: the largest client).
+    count used for weighting (default: the largest client). ``step_timeout`` is
+    how many seconds each of the share keys, masked input and unmasking steps stays
+    open in the network runtime (default: ``network.round_timeout``).
     """
 
     threshold: Annotated[float, Field(ge=0.5, le=1)] = 0.5
@@ -139,6 +141,7 @@ class SecAggConfig(_Section):
     clip_range: PositiveFloat = 1.0
     dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
     max_examples: PositiveInt | None = None
+    step_timeout: PositiveFloat | None = None
 
     @field_validator("neighbours")
     @classmethod

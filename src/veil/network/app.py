@@ -254,4 +254,10 @@ def create_app(server: FederatedServer) -> FastAPI:
         await run_in_threadpool(server.accept, client_id, rnd, payload, meta)
         return Accepted(round=rnd, client_id=client_id)
 
+    from veil.network.secagg import SecureFederatedServer
+
+    if isinstance(server, SecureFederatedServer):
+        from veil.network.secagg_app import add_secagg_routes
+
+        add_secagg_routes(app, server)  # docs: veil.network.secagg_app
     return app

@@ -182,7 +182,7 @@ class FederatedServer:
         config: dict[str, Any] | None = None,
         delta: float | None = None,
     ) -> None:
-        self.method = method_of(algorithm)
+        self.method = self._method_of(algorithm)
         self.algorithm = algorithm
         self.store = store
         self.num_clients = num_clients
@@ -199,6 +199,11 @@ class FederatedServer:
         self._admin_sha256 = self._admin_hash()
 
     # --- start and restore -------------------------------------------------------
+    def _method_of(self, algorithm: FederatedAlgorithm) -> str:
+        """The method name served to devices; refuses what this server cannot
+        drive (a subclass may drive more)."""
+        return method_of(algorithm)
+
     def _global_state(self) -> StateDict:
         state: StateDict = getattr(self.algorithm, "global_state")  # noqa: B009
         return state

@@ -41,6 +41,7 @@ from veil.secagg.messages import (
     ForwardedShares,
     KeysBroadcast,
     MaskedInput,
+    Message,
     RoundConfig,
     SecretKind,
     SharedKeys,
@@ -184,28 +185,44 @@ class SecAggServer:
             )
             return False
         try:
-            message = decode(data)
-            kind = _KINDS[self._step]
-            if not isinstance(message, _CLIENT_KINDS) or not isinstance(message, kind):
-                raise MessageError(
-                    f"expected {kind.__name__}, got {type(message).__name__}"
-                )
-            if message.round != self.config.round:
-                raise MessageError(
-                    f"message is for round {message.round}, not {self.config.round}"
-                )
-            if message.sender != sender:
-                raise MessageError(
-                    f"message names sender {message.sender} but came from {sender}"
-                )
-            if sender in self._received:
-                raise MessageError(f"second {kind.__name__} in one step (a replay)")
-            self._check(sender, message)
+            message = self.check(sender, data)
         except MessageError as exc:
             self._drop(sender, f"{self._step.name}: {exc}")
             return False
         self._received[sender] = message
         return True
+
+    def check(self, sender: int, data: bytes) -> Message:
+        """The message in ``data`` if :meth:`receive` would accept it from
+        ``sender`` now; changes nothing (a transport can refuse a bad request
+        without dropping its sender).
+
+        Raises:
+            MessageError: what is wrong with the message, or the sender is not
+                expected to send it now.
+        """
+        if sender not in self._active or self._aborted is not None or self._done:
+            raise MessageError(
+                f"client {sender} takes no part in {self._step.name} now"
+            )
+        message = decode(data)
+        kind = _KINDS[self._step]
+        if not isinstance(message, _CLIENT_KINDS) or not isinstance(message, kind):
+            raise MessageError(
+                f"expected {kind.__name__}, got {type(message).__name__}"
+            )
+        if message.round != self.config.round:
+            raise MessageError(
+                f"message is for round {message.round}, not {self.config.round}"
+            )
+        if message.sender != sender:
+            raise MessageError(
+                f"message names sender {message.sender} but came from {sender}"
+            )
+        if sender in self._received:
+            raise MessageError(f"second {kind.__name__} in one step (a replay)")
+        self._check(sender, message)
+        return message
 
     def _check(self, sender: int, message: object) -> None:
         cfg = self.config
