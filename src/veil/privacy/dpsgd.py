@@ -29,6 +29,7 @@ is post-processing and costs nothing more.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.errors import PrivacyError
-from veil.privacy.ghost import (
-    GhostUnsupportedError,
-    clipped_sum,
-    unsupported_reason,
-)
+from veil.privacy.ghost import GhostClipper, GhostUnsupportedError
 from veil.privacy.grad_sample import (
     LossFn,
     check_model,
@@ -124,68 +121,87 @@ def noisy_gradient(
     if engine not in ENGINES:
         raise PrivacyError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     check_model(model)
-    if engine == "auto" and unsupported_reason(model) is not None:
-        engine = "functional"
-    params = trainable_parameters(model)
+    clipper = _ghost_clipper(model, engine)
+    params = clipper.params if clipper is not None else trainable_parameters(model)
     if not params:
         raise PrivacyError("model has no trainable parameters (requires_grad=True)")
-    # The clip factors carry the division by the expected batch size, so the sums
-    # come out averaged; the noise is scaled to match.
+
+    # Noise once per logical batch: N(0, (noise_multiplier * clipping_norm)^2) on
+    # the sum, so divided by the expected batch size on the average. It is drawn
+    # straight into the buffers the clipped sums are then added to, one parameter
+    # at a time in order (the same draws as adding separately drawn noise).
     scale = 1.0 / expected_batch_size
-    sums = {n: torch.zeros_like(p) for n, p in params.items()} if len(x) == 0 else {}
+    std = noise_multiplier * clipping_norm * scale
+    sums = {
+        n: torch.empty_like(p, memory_format=torch.contiguous_format)
+        for n, p in params.items()
+    }
+    for buffer in sums.values():
+        if std > 0:
+            noise.fill_normal(buffer, std)
+        else:
+            buffer.zero_()
+
+    # Clip and sum, one physical micro-batch at a time. The clip factors carry the
+    # division by the expected batch size, so the sums come out averaged.
+    def factors(norms: torch.Tensor) -> torch.Tensor:
+        return clip_factors(norms, clipping_norm).mul_(scale)
+
     loss_sum = torch.zeros((), dtype=torch.float64)
     clipped = 0
-
-    # Clip and sum, one physical micro-batch at a time.
     for start in range(0, len(x), max_physical_batch):
         xb, yb = (
             x[start : start + max_physical_batch],
             y[start : start + max_physical_batch],
         )
-        parts, norms, losses = _clipped_sum(
-            model, xb, yb, clipping_norm, scale, loss_fn, engine
-        )
-        for name, g in parts.items():
-            sums[name] = sums[name].add_(g) if name in sums else g
+        norms, losses = None, None
+        if clipper is not None:
+            try:
+                _, norms, losses = clipper.clipped_sum(
+                    xb, yb, factors, loss_fn, out=sums
+                )
+            except GhostUnsupportedError:  # found on the autograd graph
+                if engine == "ghost":
+                    raise
+                clipper = None  # nothing was added to the sums yet
+        if norms is None or losses is None:
+            norms, losses = _functional_clipped_sum(
+                model, xb, yb, factors, loss_fn, sums
+            )
         clipped += int((norms > clipping_norm).sum())
         loss_sum += losses.sum().to(torch.float64)
-
-    # Noise once per logical batch: N(0, (noise_multiplier * clipping_norm)^2) on
-    # the sum, so divided by the expected batch size on the average.
-    std = noise_multiplier * clipping_norm * scale
-    if std > 0:
-        for total in sums.values():
-            total.add_(noise.normal(total.shape, std, total.dtype))
     return NoisyGradient(sums, len(x), float(loss_sum), clipped)
 
 
-def _clipped_sum(
+def _ghost_clipper(model: nn.Module, engine: str) -> GhostClipper | None:
+    """The ghost engine for ``model``, or ``None`` for the functional engine."""
+    if engine == "functional":
+        return None
+    try:
+        return GhostClipper(model)
+    except GhostUnsupportedError:
+        if engine == "ghost":
+            raise
+        return None
+
+
+def _functional_clipped_sum(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    clipping_norm: float,
-    scale: float,
+    factors: Callable[[torch.Tensor], torch.Tensor],
     loss_fn: LossFn,
-    engine: str,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Clipped gradient sum times ``scale``, per-example norms and loss sum of one
-    micro-batch."""
-
-    def factors(norms: torch.Tensor) -> torch.Tensor:
-        return clip_factors(norms, clipping_norm).mul_(scale)
-
-    if engine in ("ghost", "auto"):
-        try:
-            return clipped_sum(model, x, y, factors, loss_fn)
-        except GhostUnsupportedError:
-            if engine == "ghost":
-                raise
+    sums: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one micro-batch's clipped gradient sum to ``sums`` (per-example gradients
+    with ``torch.func``); return the per-example norms and the loss sum."""
     grads, losses = per_example_gradients(model, x, y, loss_fn)
-    flat = [g.reshape(len(x), -1) for g in grads.values()]
-    norms = torch.linalg.vector_norm(torch.cat(flat, dim=1), dim=1)
+    flat = {name: g.reshape(len(x), -1) for name, g in grads.items()}
+    norms = torch.linalg.vector_norm(torch.cat(list(flat.values()), dim=1), dim=1)
     c = factors(norms)
-    parts = {name: torch.tensordot(c, g, dims=1) for name, g in grads.items()}
-    return parts, norms, losses.sum()
+    for name, g in flat.items():
+        sums[name].view(-1).addmv_(g.T, c)
+    return norms, losses.sum()
 
 
 def _check_step_args(

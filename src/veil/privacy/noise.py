@@ -33,6 +33,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from veil.errors import PrivacyError
+
 __all__ = ["GeneratorNoise", "InsecureNoiseWarning", "NoiseSource", "SecureNoise"]
 
 _warned = False
@@ -43,10 +45,21 @@ class InsecureNoiseWarning(UserWarning):
 
 
 class NoiseSource(Protocol):
-    """Draws Gaussian noise for a DP mechanism."""
+    """Draws Gaussian noise for a DP mechanism.
+
+    ``fill_normal`` writes the draw into a buffer the caller already holds (the
+    DP-SGD step draws straight into the gradient sums it returns, which saves an
+    allocation and a pass over the gradient); ``normal`` returns a new tensor. Both
+    draw the same distribution.
+    """
 
     def normal(self, shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` with i.i.d. N(0, ``std``**2) entries."""
+        ...
+
+    def fill_normal(self, out: torch.Tensor, std: float) -> torch.Tensor:
+        """Overwrite the contiguous tensor ``out`` with i.i.d. N(0, ``std``**2)
+        entries (in its dtype) and return it."""
         ...
 
 
@@ -66,6 +79,17 @@ class GeneratorNoise:
         noise = torch.empty(shape, dtype=dtype)
         return noise.normal_(0.0, std, generator=self.generator)
 
+    def fill_normal(self, out: torch.Tensor, std: float) -> torch.Tensor:
+        """Overwrite ``out`` with i.i.d. N(0, ``std``**2) entries and return it.
+
+        ``out`` must be contiguous; it then receives exactly the values that
+        :meth:`normal` would have returned for its shape and dtype from the same
+        generator state.
+        """
+        _check_contiguous(out)
+        _warn_once()
+        return out.normal_(0.0, std, generator=self.generator)
+
 
 class SecureNoise:
     """Gaussian noise from the operating system's CSPRNG (``os.urandom``).
@@ -81,14 +105,31 @@ class SecureNoise:
 
     def normal(self, shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` with i.i.d. N(0, ``std``**2) entries."""
-        n = math.prod(shape)
+        return self._float64(math.prod(shape), std).to(dtype).reshape(shape)
+
+    def fill_normal(self, out: torch.Tensor, std: float) -> torch.Tensor:
+        """Overwrite ``out`` with i.i.d. N(0, ``std``**2) entries and return it."""
+        _check_contiguous(out)
+        return out.copy_(self._float64(out.numel(), std).view(out.shape))
+
+    def _float64(self, n: int, std: float) -> torch.Tensor:
+        """``n`` i.i.d. N(0, ``std``**2) values in float64 (Box-Muller)."""
         pairs = (n + 1) // 2
         uniform = self.uniform(2 * pairs)
         u1, u2 = uniform[:pairs], uniform[pairs:]
         radius = np.sqrt(-2.0 * np.log(u1))
         angle = 2.0 * np.pi * u2
         values = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
-        return torch.from_numpy(values * std).to(dtype).reshape(shape)
+        return torch.from_numpy(values * std)
+
+
+def _check_contiguous(out: torch.Tensor) -> None:
+    if not out.is_contiguous():
+        raise PrivacyError(
+            "fill_normal needs a contiguous tensor, got one with shape "
+            f"{tuple(out.shape)} and strides {out.stride()}; pass out.contiguous() "
+            "or use normal()"
+        )
 
 
 def _warn_once() -> None:
