@@ -29,7 +29,7 @@ is post-processing and costs nothing more.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -147,13 +147,8 @@ def noisy_gradient(
     def factors(norms: torch.Tensor) -> torch.Tensor:
         return clip_factors(norms, clipping_norm).mul_(scale)
 
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    clipped = 0
-    for start in range(0, len(x), max_physical_batch):
-        xb, yb = (
-            x[start : start + max_physical_batch],
-            y[start : start + max_physical_batch],
-        )
+    loss_sum, clipped = 0.0, 0
+    for xb, yb in _micro_batches(x, y, max_physical_batch):
         norms, losses = None, None
         if clipper is not None:
             try:
@@ -169,8 +164,20 @@ def noisy_gradient(
                 model, xb, yb, factors, loss_fn, sums
             )
         clipped += int((norms > clipping_norm).sum())
-        loss_sum += losses.sum().to(torch.float64)
-    return NoisyGradient(sums, len(x), float(loss_sum), clipped)
+        loss_sum += float(losses)
+    return NoisyGradient(sums, len(x), loss_sum, clipped)
+
+
+def _micro_batches(
+    x: torch.Tensor, y: torch.Tensor, size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` in consecutive slices of at most ``size`` examples (none if
+    empty)."""
+    if 0 < len(x) <= size:
+        yield x, y
+        return
+    for start in range(0, len(x), size):
+        yield x[start : start + size], y[start : start + size]
 
 
 def _ghost_clipper(model: nn.Module, engine: str) -> GhostClipper | None:
