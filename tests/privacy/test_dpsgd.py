@@ -178,3 +178,35 @@ def test_bad_step_arguments_are_refused(kwargs: dict[str, float], match: str) ->
     args.update(kwargs)
     with pytest.raises(PrivacyError, match=match):
         noisy_gradient(small_model(), torch.randn(2, 8), torch.zeros(2).long(), **args)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "functional"])
+def test_noise_is_one_draw_per_parameter_in_order(engine: str) -> None:
+    # The noised result minus the clip-only result is exactly the noise: one draw
+    # per trainable parameter, in order, of std noise_multiplier * C / expected
+    # batch, from the configured generator (what the step drew before noise went
+    # straight into the sums).
+    model = small_model()
+    x, y = torch.randn(10, 8), torch.randint(0, 4, (10,))
+    args = {"clipping_norm": 0.5, "expected_batch_size": 12.5, "engine": engine}
+    noisy = noisy_gradient(
+        model,
+        x,
+        y,
+        noise_multiplier=1.3,
+        noise=GeneratorNoise(torch.Generator().manual_seed(9)),
+        **args,
+    )
+    clean = noisy_gradient(
+        model,
+        x,
+        y,
+        noise_multiplier=0.0,
+        noise=GeneratorNoise(torch.Generator().manual_seed(9)),
+        **args,
+    )
+    reference = GeneratorNoise(torch.Generator().manual_seed(9))
+    std = 1.3 * 0.5 / 12.5
+    for name, g in noisy.grads.items():
+        drawn = reference.normal(g.shape, std, g.dtype)
+        torch.testing.assert_close(g - clean.grads[name], drawn, rtol=0, atol=1e-6)

@@ -53,7 +53,13 @@ from torch.nn.modules.conv import _ConvNd
 from veil.errors import PrivacyError
 from veil.privacy.grad_sample import LossFn, check_model, trainable_parameters
 
-__all__ = ["GhostUnsupportedError", "clipped_sum", "supports", "unsupported_reason"]
+__all__ = [
+    "GhostClipper",
+    "GhostUnsupportedError",
+    "clipped_sum",
+    "supports",
+    "unsupported_reason",
+]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -101,7 +101,10 @@ class SecureNoise:
     def uniform(n: int) -> np.ndarray:
         """``n`` float64 uniforms in (0, 1] (53 random bits each, never 0)."""
         bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
-        return (bits.astype(np.float64) + 1.0) * 2.0**-53
+        values = bits.astype(np.float64)
+        values += 1.0
+        values *= 2.0**-53
+        return values
 
     def normal(self, shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` with i.i.d. N(0, ``std``**2) entries."""
@@ -115,12 +118,12 @@ class SecureNoise:
     def _float64(self, n: int, std: float) -> torch.Tensor:
         """``n`` i.i.d. N(0, ``std``**2) values in float64 (Box-Muller)."""
         pairs = (n + 1) // 2
-        uniform = self.uniform(2 * pairs)
+        uniform = torch.from_numpy(self.uniform(2 * pairs))
         u1, u2 = uniform[:pairs], uniform[pairs:]
-        radius = np.sqrt(-2.0 * np.log(u1))
-        angle = 2.0 * np.pi * u2
-        values = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
-        return torch.from_numpy(values * std)
+        radius = u1.log_().mul_(-2.0).sqrt_().mul_(std)  # u1 > 0: log is finite
+        angle = u2.mul_(2.0 * math.pi)
+        values = torch.cat([radius * angle.cos(), radius * angle.sin()])
+        return values[:n]
 
 
 def _check_contiguous(out: torch.Tensor) -> None:
