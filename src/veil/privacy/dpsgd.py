@@ -120,8 +120,9 @@ def noisy_gradient(
         raise PrivacyError(f"max_physical_batch must be >= 1, got {max_physical_batch}")
     if engine not in ENGINES:
         raise PrivacyError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
-    check_model(model)
-    clipper = _ghost_clipper(model, engine)
+    clipper = _ghost_clipper(model, engine)  # checks the model
+    if clipper is None:
+        check_model(model)
     params = clipper.params if clipper is not None else trainable_parameters(model)
     if not params:
         raise PrivacyError("model has no trainable parameters (requires_grad=True)")
