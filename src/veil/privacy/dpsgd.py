@@ -13,7 +13,10 @@ Given one logical batch (a Poisson sample of the data), :func:`noisy_gradient`
    ``engine="auto"`` picks it whenever the model qualifies)
 3. sums the clipped gradients over the whole logical batch;
 4. adds one draw of Gaussian noise with standard deviation
-   ``noise_multiplier * clipping_norm`` to the sum;
+   ``noise_multiplier * clipping_norm`` to the sum (in the code the noise is drawn
+   first, one parameter at a time in order, straight into the buffers the clipped
+   sums are then added to in place: the same draws and the same sum, without a
+   separate noise tensor or another pass over the gradient);
 5. divides by the *expected* batch size ``sample_rate * N``, not the sampled one: the
    sampled size depends on the data and would itself leak. (In the code the division
    is folded into the clip factors and the noise's standard deviation, which gives

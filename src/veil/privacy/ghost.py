@@ -10,8 +10,9 @@ per example (``T = 1`` for a Linear on ``(B, in)`` inputs, the sequence length f
 a Linear on ``(B, T, in)``, the number of output pixels for a convolution, whose
 input is unfolded into patches), example ``i``'s weight gradient is ``g_i^T a_i``, so
 
-- for ``T = 1`` its squared norm is ``|g_i|^2 |a_i|^2`` (the "ghost norm"), and the
-  clipped sum is one matrix product ``(c * g)^T a`` with the clip factors ``c``;
+- for ``T = 1`` its squared norm is ``|g_i|^2 |a_i|^2`` (the "ghost norm"; ``|g_i|^2``
+  also serves the bias), and the clipped sum is one matrix product ``(c * g)^T a``
+  with the clip factors ``c``, added in place to the caller's buffer;
 - for ``T > 1`` the engine picks, per layer, the cheaper of two exact ways (both
   also spend ``T * in * out`` per example on one product): the ghost norm
   ``sum((a_i a_i^T) * (g_i g_i^T))`` (``T^2 (in + out)`` more per example) or the
