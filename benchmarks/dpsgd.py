@@ -11,8 +11,9 @@ in the same run
   during three steps, minus its resident set after setup; Linux only),
 
 for plain SGD, veil's DP-SGD step with each engine (set up once with
-``NoisyGradientStep``, as ``DPSGDTrainer`` does for a training run; ``ghost``: clipped
-sums from layer inputs and output gradients; ``functional``: per-example gradients with ``torch.func``;
+``NoisyGradientStep``, as ``DPSGDTrainer`` does for a training run; ``ghost``:
+clipped sums from layer inputs and output gradients; ``functional``: per-example
+gradients with ``torch.func``;
 ``ghost-secure``: ghost with noise from ``os.urandom``, the cost of ``secure_noise``;
 ``ghost-clip-only``: ghost with noise multiplier 0, which is *not private* and is
 there only to separate the cost of clipping from the cost of drawing the noise)
