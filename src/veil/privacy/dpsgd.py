@@ -106,6 +106,9 @@ def noisy_gradient(
 ) -> NoisyGradient:
     """Clip, sum, noise and average the per-example gradients of one logical batch.
 
+    For many steps on one model, :class:`NoisyGradientStep` gives the same result
+    and checks the model once instead of at every call.
+
     Args:
         model: the network (no BatchNorm); its parameters are read, not changed.
         x: the logical batch's inputs, shape ``(B, ...)``; ``B`` may be 0.

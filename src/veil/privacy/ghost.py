@@ -156,10 +156,11 @@ def clipped_sum(
 class GhostClipper:
     """:func:`clipped_sum` for one model, with the model's checks done once.
 
-    The DP-SGD step makes one per logical batch and calls it on each physical
-    micro-batch. Checked when made: the model qualifies (:func:`unsupported_reason`)
-    and has no BatchNorm; checked on every call: the autograd graph (in-place
-    changes, parameters used outside their layer).
+    The DP-SGD step (:class:`~veil.privacy.NoisyGradientStep`) makes one when it
+    is set up and calls it on each physical micro-batch of every step. Checked when
+    made: the model qualifies (:func:`unsupported_reason`) and has no BatchNorm;
+    checked on every call: the autograd graph (in-place changes, parameters used
+    outside their layer).
 
     Args:
         model: the model; its set of trainable parameters and layers must not
