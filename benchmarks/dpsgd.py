@@ -10,8 +10,10 @@ in the same run
 - peak extra memory of a step (resident-set high-water mark of a fresh child process
   during three steps, minus its resident set after setup; Linux only),
 
-for plain SGD, veil's DP-SGD step with each engine (``ghost``: clipped sums from layer
-inputs and output gradients; ``functional``: per-example gradients with ``torch.func``;
+for plain SGD, veil's DP-SGD step with each engine (set up once with
+``NoisyGradientStep``, as ``DPSGDTrainer`` does for a training run; ``ghost``:
+clipped sums from layer inputs and output gradients; ``functional``: per-example
+gradients with ``torch.func``;
 ``ghost-secure``: ghost with noise from ``os.urandom``, the cost of ``secure_noise``;
 ``ghost-clip-only``: ghost with noise multiplier 0, which is *not private* and is
 there only to separate the cost of clipping from the cost of drawing the noise)
@@ -38,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.models import build_model
-from veil.privacy import GeneratorNoise, NoiseSource, SecureNoise, noisy_gradient
+from veil.privacy import GeneratorNoise, NoiseSource, NoisyGradientStep, SecureNoise
 
 __all__ = ["main"]
 
@@ -82,18 +84,18 @@ def veil_step(
         SecureNoise() if secure else GeneratorNoise(torch.Generator().manual_seed(1))
     )
 
+    # Set up once, as DPSGDTrainer does for a train() call.
+    noisy_gradient = NoisyGradientStep(
+        model,
+        clipping_norm=CLIPPING_NORM,
+        noise_multiplier=noise_multiplier,
+        noise=noise,
+        max_physical_batch=BATCH,
+        engine=engine,
+    )
+
     def step() -> None:
-        result = noisy_gradient(
-            model,
-            x,
-            y,
-            clipping_norm=CLIPPING_NORM,
-            noise_multiplier=noise_multiplier,
-            expected_batch_size=float(BATCH),
-            noise=noise,
-            max_physical_batch=BATCH,
-            engine=engine,
-        )
+        result = noisy_gradient(x, y, expected_batch_size=float(BATCH))
         for name, g in result.grads.items():
             params[name].grad = g
         opt.step()

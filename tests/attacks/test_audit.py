@@ -137,12 +137,17 @@ def test_audit_catches_noise_scaled_down_inside_veils_code(
     DP-FedAvg and DP-SGD fail their audits at the epsilon they still claim."""
     from veil.privacy import GeneratorNoise
 
-    normal = GeneratorNoise.normal
+    normal, fill_normal = GeneratorNoise.normal, GeneratorNoise.fill_normal
 
     def quiet(self: GeneratorNoise, shape: torch.Size, std: float, dtype: torch.dtype):  # type: ignore[no-untyped-def]
         return normal(self, shape, std / 10, dtype)
 
+    def quiet_fill(self: GeneratorNoise, out: torch.Tensor, std: float):  # type: ignore[no-untyped-def]
+        return fill_normal(self, out, std / 10)
+
+    # Both ways of drawing (DP-SGD draws straight into its gradient buffers).
     monkeypatch.setattr(GeneratorNoise, "normal", quiet)
+    monkeypatch.setattr(GeneratorNoise, "fill_normal", quiet_fill)
     warnings.simplefilter("ignore")
     claimed = dpsgd_epsilon(2.0, 1.0, 1, DELTA)
     fedavg = dpfedavg_canary_release(noise_multiplier=2.0, sample_rate=1.0, rounds=1)

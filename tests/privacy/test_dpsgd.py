@@ -13,6 +13,7 @@ from torch import nn
 from veil.errors import PrivacyError
 from veil.privacy import (
     GeneratorNoise,
+    NoisyGradientStep,
     clip_factors,
     noisy_gradient,
     per_example_gradients,
@@ -178,3 +179,86 @@ def test_bad_step_arguments_are_refused(kwargs: dict[str, float], match: str) ->
     args.update(kwargs)
     with pytest.raises(PrivacyError, match=match):
         noisy_gradient(small_model(), torch.randn(2, 8), torch.zeros(2).long(), **args)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "functional"])
+def test_noise_is_one_draw_per_parameter_in_order(engine: str) -> None:
+    # The noised result minus the clip-only result is exactly the noise: one draw
+    # per trainable parameter, in order, of std noise_multiplier * C / expected
+    # batch, from the configured generator (what the step drew before noise went
+    # straight into the sums).
+    model = small_model()
+    x, y = torch.randn(10, 8), torch.randint(0, 4, (10,))
+    args = {"clipping_norm": 0.5, "expected_batch_size": 12.5, "engine": engine}
+    noisy = noisy_gradient(
+        model,
+        x,
+        y,
+        noise_multiplier=1.3,
+        noise=GeneratorNoise(torch.Generator().manual_seed(9)),
+        **args,
+    )
+    clean = noisy_gradient(
+        model,
+        x,
+        y,
+        noise_multiplier=0.0,
+        noise=GeneratorNoise(torch.Generator().manual_seed(9)),
+        **args,
+    )
+    reference = GeneratorNoise(torch.Generator().manual_seed(9))
+    std = 1.3 * 0.5 / 12.5
+    for name, g in noisy.grads.items():
+        drawn = reference.normal(g.shape, std, g.dtype)
+        torch.testing.assert_close(g - clean.grads[name], drawn, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "functional"])
+def test_a_step_set_up_once_gives_what_noisy_gradient_gives(engine: str) -> None:
+    model = small_model()
+    args = {"clipping_norm": 0.4, "noise_multiplier": 0.8, "max_physical_batch": 4}
+    step = NoisyGradientStep(
+        model,
+        noise=GeneratorNoise(torch.Generator().manual_seed(2)),
+        engine=engine,
+        **args,
+    )
+    reference = GeneratorNoise(torch.Generator().manual_seed(2))
+    for size in (9, 0, 3):  # several micro-batches, an empty batch, one
+        x, y = torch.randn(size, 8), torch.randint(0, 4, (size,))
+        got = step(x, y, expected_batch_size=6.0)
+        want = noisy_gradient(
+            model,
+            x,
+            y,
+            expected_batch_size=6.0,
+            noise=reference,
+            engine=engine,
+            **args,
+        )
+        assert (got.batch_size, got.clipped) == (want.batch_size, want.clipped)
+        assert got.loss_sum == pytest.approx(want.loss_sum, rel=1e-6)
+        for name, g in want.grads.items():
+            torch.testing.assert_close(got.grads[name], g, rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_refuses_a_changed_requires_grad() -> None:
+    model = small_model()
+    step = NoisyGradientStep(
+        model,
+        clipping_norm=1.0,
+        noise_multiplier=1.0,
+        noise=GeneratorNoise(torch.Generator()),
+    )
+    x, y = torch.randn(3, 8), torch.randint(0, 4, (3,))
+    assert set(step(x, y, expected_batch_size=3.0).grads) == {
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    }
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(PrivacyError, match="make a new NoisyGradientStep"):
+        step(x, y, expected_batch_size=3.0)
+    with pytest.raises(PrivacyError, match="expected_batch_size must be finite"):
+        step(x, y, expected_batch_size=float("nan"))

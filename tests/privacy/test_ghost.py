@@ -217,3 +217,29 @@ def test_unsupported_models_are_named_and_auto_falls_back() -> None:
         assert auto.grads.keys() == functional.grads.keys()
         for name, g in functional.grads.items():
             torch.testing.assert_close(auto.grads[name], g)
+
+
+@pytest.mark.parametrize("case", ["2nn", "sequence", "tied-conv", "twice"])
+def test_out_buffers_receive_the_clipped_sum(case: str) -> None:
+    # Adding into given buffers (the DP-SGD step passes its noise there) gives the
+    # buffers' values plus the sums computed into new tensors.
+    make, shape, classes = CASES[case]
+    torch.manual_seed(3)
+    model = make()
+    x, y = torch.randn(6, *shape), torch.randint(0, classes, (6,))
+
+    def clip(norms: torch.Tensor) -> torch.Tensor:
+        return (0.2 / norms).clamp(max=1.0)
+
+    fresh, norms, loss = clipped_sum(model, x, y, clip)
+    start = {n: torch.randn_like(g) for n, g in fresh.items()}
+    out = {n: t.clone() for n, t in start.items()}
+    buffers = {n: t.data_ptr() for n, t in out.items()}
+    clipper = ghost.GhostClipper(model)
+    added, norms_out, loss_out = clipper.clipped_sum(x, y, clip, out=out)
+    assert added is out
+    for name, g in fresh.items():
+        assert out[name].data_ptr() == buffers[name]  # added in place
+        torch.testing.assert_close(out[name], start[name] + g, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norms_out, norms)
+    assert float(loss_out) == pytest.approx(float(loss))

@@ -18,7 +18,13 @@ from veil.privacy.accounting import (
     epsilon_of_event,
     make_accountant,
 )
-from veil.privacy.dpsgd import ENGINES, NoisyGradient, clip_factors, noisy_gradient
+from veil.privacy.dpsgd import (
+    ENGINES,
+    NoisyGradient,
+    NoisyGradientStep,
+    clip_factors,
+    noisy_gradient,
+)
 from veil.privacy.grad_sample import (
     check_model,
     per_example_gradients,
@@ -51,6 +57,7 @@ __all__ = [
     "NeighbouringRelation",
     "NoiseSource",
     "NoisyGradient",
+    "NoisyGradientStep",
     "PrivacyBudget",
     "PrivacyEvent",
     "PrivacyLedger",

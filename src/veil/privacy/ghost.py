@@ -10,8 +10,9 @@ per example (``T = 1`` for a Linear on ``(B, in)`` inputs, the sequence length f
 a Linear on ``(B, T, in)``, the number of output pixels for a convolution, whose
 input is unfolded into patches), example ``i``'s weight gradient is ``g_i^T a_i``, so
 
-- for ``T = 1`` its squared norm is ``|g_i|^2 |a_i|^2`` (the "ghost norm"), and the
-  clipped sum is one matrix product ``(c * g)^T a`` with the clip factors ``c``;
+- for ``T = 1`` its squared norm is ``|g_i|^2 |a_i|^2`` (the "ghost norm"; ``|g_i|^2``
+  also serves the bias), and the clipped sum is one matrix product ``(c * g)^T a``
+  with the clip factors ``c``, added in place to the caller's buffer;
 - for ``T > 1`` the engine picks, per layer, the cheaper of two exact ways (both
   also spend ``T * in * out`` per example on one product): the ghost norm
   ``sum((a_i a_i^T) * (g_i g_i^T))`` (``T^2 (in + out)`` more per example) or the
@@ -41,7 +42,7 @@ Both give the same clipped sum up to float rounding (tests hold them to it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -53,12 +54,19 @@ from torch.nn.modules.conv import _ConvNd
 from veil.errors import PrivacyError
 from veil.privacy.grad_sample import LossFn, check_model, trainable_parameters
 
-__all__ = ["GhostUnsupportedError", "clipped_sum", "supports", "unsupported_reason"]
+__all__ = [
+    "GhostClipper",
+    "GhostUnsupportedError",
+    "clipped_sum",
+    "supports",
+    "unsupported_reason",
+]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-# Per-example clipped-sum builder: clip factors (B,) -> summed gradient (out, in).
-_Finish = Callable[[torch.Tensor], torch.Tensor]
+# Adds a weight's clipped sum to a buffer shaped like the weight, given the clip
+# factors (B,): finish(factors, buffer).
+_Finish = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 class GhostUnsupportedError(PrivacyError):
@@ -117,6 +125,8 @@ def clipped_sum(
     y: torch.Tensor,
     clip: Callable[[torch.Tensor], torch.Tensor],
     loss_fn: LossFn = F.cross_entropy,
+    *,
+    out: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Sum over the batch of each example's gradient times its clip factor.
 
@@ -127,6 +137,10 @@ def clipped_sum(
         y: targets, shape ``(B, ...)``.
         clip: maps the per-example gradient norms, shape ``(B,)``, to clip factors.
         loss_fn: batch-mean loss, default cross-entropy.
+        out: if given, one contiguous tensor per trainable parameter name, shaped
+            like the parameter; the clipped sums are added to them in place (the
+            DP-SGD step passes its noise here) and they are returned. Default: new
+            tensors.
 
     Returns:
         ``(sums, norms, loss_sum)``: the clipped sum per trainable parameter name
@@ -136,45 +150,93 @@ def clipped_sum(
     Raises:
         GhostUnsupportedError: the model does not qualify (see the module docstring).
     """
-    check_model(model)
-    reason = unsupported_reason(model)
-    if reason is not None:
-        raise GhostUnsupportedError(
-            f"the ghost engine cannot handle this model ({reason}); use "
-            "engine='functional'"
+    return GhostClipper(model).clipped_sum(x, y, clip, loss_fn, out=out)
+
+
+class GhostClipper:
+    """:func:`clipped_sum` for one model, with the model's checks done once.
+
+    The DP-SGD step (:class:`~veil.privacy.NoisyGradientStep`) makes one when it
+    is set up and calls it on each physical micro-batch of every step. Checked when
+    made: the model qualifies (:func:`unsupported_reason`) and has no BatchNorm;
+    checked on every call: the autograd graph (in-place changes, parameters used
+    outside their layer).
+
+    Args:
+        model: the model; its set of trainable parameters and layers must not
+            change while this object is in use.
+
+    Raises:
+        GhostUnsupportedError: the model does not qualify.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        check_model(model)
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise GhostUnsupportedError(
+                f"the ghost engine cannot handle this model ({reason}); use "
+                "engine='functional'"
+            )
+        self.model = model
+        self.params = trainable_parameters(model)
+        self._names = {id(p): n for n, p in self.params.items()}
+        self._layers = [
+            m
+            for m in model.modules()
+            if isinstance(m, _LAYERS)
+            and any(id(p) in self._names for p in m.parameters())
+        ]
+
+    def clipped_sum(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        clip: Callable[[torch.Tensor], torch.Tensor],
+        loss_fn: LossFn = F.cross_entropy,
+        *,
+        out: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """:func:`clipped_sum` on this model."""
+        total, calls = _forward(self.model, self._layers, x, y, loss_fn)
+        _check_in_place(calls)
+        _check_outside_uses(total, calls, self._names)
+        out_grads = torch.autograd.grad(
+            total, [c.out for c in calls], allow_unused=True
         )
-    params = trainable_parameters(model)
-    total, calls = _forward(model, x, y, loss_fn, {id(p) for p in params.values()})
-    _check_in_place(calls)
-    _check_outside_uses(total, calls, {id(p): n for n, p in params.items()})
-    out_grads = torch.autograd.grad(total, [c.out for c in calls], allow_unused=True)
-    with torch.no_grad():
-        weights, biases = _uses(calls, out_grads)
+        with torch.no_grad():
+            weights, biases = _uses(calls, out_grads)
 
-        # Per-example squared norms, parameter by parameter.
-        sq = torch.zeros(len(x), dtype=_norm_dtype(out_grads))
-        finishers = {pid: _weight_part(uses, sq) for pid, uses in weights.items()}
-        for g in biases.values():
-            sq += _sq_rows(g)
-        norms = sq.sqrt_()
-        factors = clip(norms)
+            # Per-example squared norms, parameter by parameter.
+            sq = torch.zeros(len(x), dtype=_norm_dtype(out_grads))
+            finishers = {pid: _weight_part(uses, sq) for pid, uses in weights.items()}
+            rows = {pid: _bias_rows(uses, sq) for pid, uses in biases.items()}
+            norms = sq.sqrt_()
+            factors = clip(norms)
 
-        # Clipped sums.
-        sums: dict[str, torch.Tensor] = {}
-        for name, p in params.items():
-            if id(p) in finishers:
-                sums[name] = _as_parameter(finishers[id(p)](factors), p)
-            elif id(p) in biases:
-                sums[name] = factors @ biases[id(p)]
-            else:  # unused in this forward pass: a zero gradient
-                sums[name] = torch.zeros_like(p)
-    return sums, norms, total.detach()
+            # Clipped sums, added to ``out`` when given.
+            sums = out if out is not None else {}
+            for name, p in self.params.items():
+                if name not in sums:
+                    sums[name] = torch.zeros_like(
+                        p, memory_format=torch.contiguous_format
+                    )
+                if id(p) in finishers:
+                    finishers[id(p)](factors, sums[name])
+                elif id(p) in rows:  # a bias: (B, out)^T (B,)
+                    sums[name].addmv_(rows[id(p)].T, factors)
+                # else unused in this forward pass: its gradient is zero
+        return sums, norms, total.detach()
 
 
 def _forward(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, ids: set[int]
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
 ) -> tuple[torch.Tensor, list[_Call]]:
-    """The summed loss, and every call of a layer that holds a trainable parameter."""
+    """The summed loss, and every call of one of ``layers`` that tracks gradients."""
     calls: list[_Call] = []
 
     def hook(
@@ -187,11 +249,6 @@ def _forward(
             a = args[0] if args else next(iter(kwargs.values()))
             calls.append(_Call(module, a, out, (a._version, out._version)))
 
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, _LAYERS) and any(id(p) in ids for p in m.parameters())
-    ]
     handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
     try:
         with torch.enable_grad():
@@ -247,39 +304,86 @@ def _check_outside_uses(
         stack.extend(f for f, _ in node.next_functions)  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True)
 class _Use:
-    """One use of a weight: output gradients ``(B, T, out)`` and a way to get the
-    matching inputs ``(n, T, in)`` of any slice of the examples."""
+    """One use of a weight: its output gradients ``g`` ``(B, T, out)``, a way to get
+    the matching inputs ``(n, T, in)`` of any slice of the examples, and ``in``.
 
-    g: torch.Tensor
-    inputs: Callable[[slice], torch.Tensor]
-    width: int
+    A Linear layer on a ``(B, in)`` input (``T = 1``, the MLP case) also keeps its
+    input and output gradient as the 2-D ``a2`` ``(B, in)`` and ``g2`` ``(B, out)``,
+    which the engine then uses directly (fewer tensor operations per step).
+    """
+
+    __slots__ = ("_g", "_row_sq", "a2", "g2", "inputs", "width")
+
+    def __init__(
+        self,
+        g: torch.Tensor | None,
+        inputs: Callable[[slice], torch.Tensor],
+        width: int,
+        a2: torch.Tensor | None = None,
+        g2: torch.Tensor | None = None,
+    ) -> None:
+        self._g, self.inputs, self.width, self.a2, self.g2 = g, inputs, width, a2, g2
+        self._row_sq: torch.Tensor | None = None
+
+    @property
+    def g(self) -> torch.Tensor:
+        """The output gradients as ``(B, T, out)``."""
+        if self._g is None:
+            assert self.g2 is not None
+            self._g = self.g2.unsqueeze(1)
+        return self._g
+
+    def rows(self) -> torch.Tensor:
+        """The output gradients summed over positions, ``(B, out)``."""
+        if self.g2 is not None:
+            return self.g2
+        return self.g[:, 0] if self.g.shape[1] == 1 else self.g.sum(dim=1)
+
+    def row_sq(self) -> torch.Tensor:
+        """Squared norms of :meth:`rows`, ``(B,)``; computed once, shared by the
+        layer's weight (when ``T = 1``) and its bias."""
+        if self._row_sq is None:
+            self._row_sq = _sq_rows(self.rows())
+        return self._row_sq
 
 
 def _uses(
     calls: list[_Call], out_grads: tuple[torch.Tensor | None, ...]
-) -> tuple[dict[int, list[_Use]], dict[int, torch.Tensor]]:
-    """Each trainable weight's uses and each trainable bias's per-example gradient
-    ``(B, out)`` (summed over uses and positions), keyed by parameter id."""
+) -> tuple[dict[int, list[_Use]], dict[int, list[_Use]]]:
+    """Each trainable weight's and each trainable bias's uses, keyed by parameter
+    id."""
     weights: dict[int, list[_Use]] = {}
-    biases: dict[int, torch.Tensor] = {}
+    biases: dict[int, list[_Use]] = {}
     for call, g in zip(calls, out_grads, strict=True):
         if g is None:
             continue
-        use = _use(call.module, call.a.detach(), g)
+        use = _use(call.module, call.a, g)
         w, b = call.module.weight, call.module.bias
         if isinstance(w, torch.Tensor) and w.requires_grad:
             weights.setdefault(id(w), []).append(use)
         if isinstance(b, torch.Tensor) and b.requires_grad:
-            row = use.g[:, 0] if use.g.shape[1] == 1 else use.g.sum(dim=1)
-            biases[id(b)] = biases[id(b)] + row if id(b) in biases else row
+            biases.setdefault(id(b), []).append(use)
     return weights, biases
 
 
+def _bias_rows(uses: list[_Use], sq: torch.Tensor) -> torch.Tensor:
+    """A bias's per-example gradients ``(B, out)`` (its uses' output gradients summed
+    over uses and positions); their squared norms are added to ``sq``."""
+    if len(uses) == 1:
+        sq += uses[0].row_sq()
+        return uses[0].rows()
+    row = torch.stack([u.rows() for u in uses]).sum(dim=0)
+    sq += _sq_rows(row)
+    return row
+
+
 def _use(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> _Use:
-    """A layer call's output gradients and inputs as positions."""
+    """A layer call's output gradients and inputs as positions (``a`` is read under
+    ``torch.no_grad``, so it needs no detaching)."""
     if isinstance(module, nn.Linear):
+        if a.dim() == 2:
+            return _Use(None, lambda rows: a[rows].unsqueeze(1), a.shape[1], a, g)
         a3 = a.reshape(len(a), -1, a.shape[-1])
         g3 = g.reshape(len(g), -1, g.shape[-1])
         return _Use(g3, a3.__getitem__, a.shape[-1])
@@ -330,8 +434,15 @@ _CHUNK_ELEMENTS = 2**18
 
 def _weight_part(uses: list[_Use], sq: torch.Tensor) -> _Finish:
     """Add a weight's per-example squared norms to ``sq`` ``(B,)``, all its uses
-    together, and say how to build its clipped sum from the clip factors."""
-    g = uses[0].g if len(uses) == 1 else torch.cat([u.g for u in uses], 1)
+    together, and say how to add its clipped sum to a buffer from the clip
+    factors."""
+    use = uses[0]
+    if len(uses) == 1 and use.a2 is not None and use.g2 is not None:
+        # A Linear layer on (B, in): ghost norm |a_i|^2 |g_i|^2, one matrix product.
+        a2, g2 = use.a2, use.g2
+        sq.addcmul_(_sq_rows(a2), use.row_sq())
+        return lambda c, out: _add_product(out, (g2 * c[:, None]).T, a2)
+    g = use.g if len(uses) == 1 else torch.cat([u.g for u in uses], 1)
 
     def inputs(rows: slice) -> torch.Tensor:
         if len(uses) == 1:
@@ -340,22 +451,38 @@ def _weight_part(uses: list[_Use], sq: torch.Tensor) -> _Finish:
 
     b, t, o = g.shape
     k = uses[0].width
-    if t == 1:  # ghost norm, then one matrix product
+    if t == 1:  # ghost norm |a_i|^2 |g_i|^2, then one matrix product
         a2, g2 = inputs(slice(None))[:, 0], g[:, 0]
-        sq.addcmul_(_sq_rows(a2), _sq_rows(g2))
-        return lambda c: (g2 * c[:, None]).T @ a2
+        sq.addcmul_(_sq_rows(a2), use.row_sq())
+        return lambda c, out: _add_product(out, (g2 * c[:, None]).T, a2)
     if t * t * (k + o) < k * o:  # ghost norm through the Gram matrices
         a = inputs(slice(None))
         gram = torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
         sq += gram.sum(dim=(1, 2))
-        return lambda c: torch.einsum("bto,btk->ok", g * c[:, None, None], a)
+        return lambda c, out: _add_product(
+            out, (g * c[:, None, None]).reshape(b * t, o).T, a.reshape(b * t, k)
+        )
     per_example = torch.empty(b, o, k, dtype=g.dtype)
     step = max(1, _CHUNK_ELEMENTS // (t * k))
     for start in range(0, b, step):
         rows = slice(start, start + step)
         torch.bmm(g[rows].transpose(1, 2), inputs(rows), out=per_example[rows])
     sq += _sq_rows(per_example.flatten(1))
-    return lambda c: torch.tensordot(c, per_example, dims=1)
+    return lambda c, out: _add_product(out, per_example.view(b, o * k).T, c)
+
+
+def _add_product(out: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+    """``out += m @ v`` for a weight's buffer ``out``, where ``m @ v`` is its
+    ``(out, in)`` sum (or that sum flattened, for a vector ``v``), in place for a
+    Linear weight, through the channels-last layout for a convolution's."""
+    if out.dim() == 2:
+        if v.dim() == 1:
+            out.view(-1).addmv_(m, v)
+        else:
+            out.addmm_(m, v)
+        return
+    summed = m @ v
+    out.add_(_as_parameter(summed.view(out.shape[0], -1), out))
 
 
 def _norm_dtype(out_grads: tuple[torch.Tensor | None, ...]) -> torch.dtype:

@@ -26,7 +26,7 @@ from torch import nn
 
 from veil.errors import BudgetExceededError, ConfigError
 from veil.learning.local import TrainStats
-from veil.privacy.dpsgd import ENGINES, noisy_gradient
+from veil.privacy.dpsgd import ENGINES, NoisyGradientStep
 from veil.privacy.ledger import PrivacyEvent, PrivacyLedger
 from veil.privacy.noise import GeneratorNoise, NoiseSource, SecureNoise
 
@@ -187,20 +187,18 @@ class DPSGDTrainer:
         noise: NoiseSource = (
             SecureNoise() if self.secure_noise else GeneratorNoise(generator)
         )
+        step = NoisyGradientStep(  # checks the model once, not every step
+            model,
+            clipping_norm=self.clipping_norm,
+            noise_multiplier=self.noise_multiplier,
+            noise=noise,
+            max_physical_batch=self.max_physical_batch,
+            engine=self.engine,
+        )
         loss_sum, seen = 0.0, 0
         for _ in range(allowed):
             idx = self._poisson_sample(n, q, generator)
-            result = noisy_gradient(
-                model,
-                x[idx],
-                y[idx],
-                clipping_norm=self.clipping_norm,
-                noise_multiplier=self.noise_multiplier,
-                expected_batch_size=q * n,
-                noise=noise,
-                max_physical_batch=self.max_physical_batch,
-                engine=self.engine,
-            )
+            result = step(x[idx], y[idx], expected_batch_size=q * n)
             optimizer.zero_grad(set_to_none=True)
             for name, g in result.grads.items():
                 params[name].grad = g
