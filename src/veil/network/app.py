@@ -36,7 +36,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from veil._wire import read_body
 from veil.errors import ServiceError
@@ -251,7 +250,7 @@ def create_app(server: FederatedServer) -> FastAPI:
         meta = _parse_result(x_veil_result)
         server.check_target(client_id, rnd)
         payload = await read_body(request, server.max_body_bytes())
-        await run_in_threadpool(server.accept, client_id, rnd, payload, meta)
+        await server.accept_async(client_id, rnd, payload, meta)
         return Accepted(round=rnd, client_id=client_id)
 
     return app

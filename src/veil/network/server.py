@@ -12,8 +12,10 @@ A round:
 2. collect: enrolled devices whose client id was picked ask for their task, download
    the global model and upload an update. Each upload is checked completely (token,
    round, duplicate, tensor names, dtypes, shapes, finite values, norm, metadata)
-   and only then stored, in one transaction;
-3. close: when every task has a result, or at the deadline, the round closes. With at
+   and only then stored (committed with the uploads arriving at the same moment,
+   see :mod:`veil.network.store`); the upload is answered once it is committed;
+3. close: when every task has a result, or at the deadline, the round closes (an
+   upload already being stored then is waited for, and counts). With at
    least ``min_results`` results (or every task's, if fewer were picked) the results,
    **sorted by client id**, go to ``aggregate``, so the order in which devices
    answered cannot change the model; the new model is checkpointed and the round and
@@ -27,6 +29,7 @@ accepted and a fresh deadline.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -36,6 +39,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +54,7 @@ from veil.errors import (
     UpdateError,
 )
 from veil.learning._types import ClientResult, ClientTask, StateDict
-from veil.learning.encoding import decode, encode
-from veil.learning.user_dp import update_norm
+from veil.learning.encoding import decode, encode, encoded_size
 from veil.network._algorithms import (
     apply_checkpoint,
     check_metrics,
@@ -158,6 +161,8 @@ class _OpenRound:
     model: bytes
     accepted: set[int] = field(default_factory=set)
     closed: bool = False
+    # Clients whose checked update is being stored; accepted once it is committed.
+    storing: set[int] = field(default_factory=set)
 
 
 class FederatedServer:
@@ -194,6 +199,9 @@ class FederatedServer:
         self._round: _OpenRound | None = None
         self._tokens = store.clients()
         self._reference = {k: v.clone() for k, v in self._global_state().items()}
+        self._max_body = self.settings.max_body_bytes
+        if self._max_body is None:
+            self._max_body = encoded_size(self._reference) + _HEADER_ROOM
         self._check_identity()
         self.next_round = self._restore()
         self._admin_sha256 = self._admin_hash()
@@ -356,9 +364,7 @@ class FederatedServer:
 
     def max_body_bytes(self) -> int:
         """The largest upload accepted, in bytes."""
-        if self.settings.max_body_bytes is not None:
-            return self.settings.max_body_bytes
-        return len(encode(self._reference)) + _HEADER_ROOM
+        return self._max_body
 
     def check_target(self, client_id: int, rnd: int) -> None:
         """Refuse, before the body is read, an upload the open round cannot take:
@@ -380,7 +386,7 @@ class FederatedServer:
                 raise ServiceError(
                     f"client {client_id} is not among round {rnd}'s clients", 403
                 )
-            if client_id in cur.accepted:
+            if client_id in cur.accepted or client_id in cur.storing:
                 raise ServiceError(
                     f"client {client_id} already sent its update for round {rnd}",
                     409,
@@ -389,13 +395,31 @@ class FederatedServer:
     def accept(
         self, client_id: int, rnd: int, payload: bytes, meta: ResultMetadata
     ) -> None:
-        """Check an upload completely, then store it (one transaction).
+        """Check an upload completely, then store it; return once it is committed.
 
         Raises:
             ServiceError: 415 pickle, 400 malformed safetensors, 422 wrong names,
                 dtypes or shapes, NaN or Inf, norm over the bound, bad metadata;
                 409 or 403 as :meth:`check_target`. Nothing is stored then.
         """
+        cur, stored = self._check_and_store(client_id, rnd, payload, meta)
+        stored.result()
+        self._stored(cur, client_id, stored)  # before the caller answers
+
+    async def accept_async(
+        self, client_id: int, rnd: int, payload: bytes, meta: ResultMetadata
+    ) -> None:
+        """:meth:`accept` for the event loop: the checks run in the caller's
+        thread, and the commit is awaited without holding a thread."""
+        _, stored = self._check_and_store(client_id, rnd, payload, meta)
+        await asyncio.wrap_future(stored)
+
+    def _check_and_store(
+        self, client_id: int, rnd: int, payload: bytes, meta: ResultMetadata
+    ) -> tuple[_OpenRound, Future[None]]:
+        """Check the upload, then hand it to the store. Until the store is done
+        with it the client counts as sending (a second upload is refused, the
+        round waits for it before closing); then it is accepted if committed."""
         self._check_metadata(meta)
         refuse_pickle(payload)
         self._check_header(safetensors_header(payload))
@@ -408,14 +432,35 @@ class FederatedServer:
             self.check_target(client_id, rnd)
             cur = self._round
             assert cur is not None
-            self.store.add_update(
-                AcceptedUpdate(
-                    rnd, client_id, meta.num_examples, meta.loss, meta.metrics, payload
-                )
-            )
-            cur.accepted.add(client_id)
+            cur.storing.add(client_id)
+        row = AcceptedUpdate(
+            rnd, client_id, meta.num_examples, meta.loss, meta.metrics, payload
+        )
+        try:
+            stored = self.store.submit_update(row)
+        except BaseException:
+            with self._lock:
+                cur.storing.discard(client_id)
+                self._lock.notify_all()
+            raise
+        # Runs in the writer thread as soon as the commit is done (or failed),
+        # before anyone awaiting the future through asyncio is woken.
+        stored.add_done_callback(lambda f: self._stored(cur, client_id, f))
+        return cur, stored
+
+    def _stored(self, cur: _OpenRound, client_id: int, stored: Future[None]) -> None:
+        """The store is done with the client's upload: accepted if committed.
+        Idempotent."""
+        ok = stored.exception() is None
+        with self._lock:
+            if client_id not in cur.storing:
+                return
+            cur.storing.discard(client_id)
+            if ok:
+                cur.accepted.add(client_id)
             self._lock.notify_all()
-        logger.info("round %d: accepted client %d's update", rnd, client_id)
+        if ok:
+            logger.info("round %d: accepted client %d's update", cur.round, client_id)
 
     def _check_metadata(self, meta: ResultMetadata) -> None:
         problem = check_metrics(self.algorithm, meta.metrics)
@@ -450,11 +495,18 @@ class FederatedServer:
                 )
 
     def _check_values(self, update: StateDict) -> None:
+        # One pass per tensor: its sum of squares in float64 (the norm's term, as
+        # update_norm computes it) is finite exactly when every value is, unless
+        # squaring large finite float64 values overflows; then look closer.
+        total = 0.0
         for name, t in update.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ServiceError(f"tensor {name!r} holds NaN or Inf", 422)
+            square_sum = float(t.double().square().sum())
+            if not math.isfinite(square_sum) and t.is_floating_point():
+                if not bool(torch.isfinite(t).all()):
+                    raise ServiceError(f"tensor {name!r} holds NaN or Inf", 422)
+            total += square_sum
         bound = norm_bound(self.algorithm, self.settings.max_update_norm)
-        norm = update_norm(update)
+        norm = math.sqrt(total)
         if norm > bound:
             raise ServiceError(
                 f"update's L2 norm must be at most {bound:.6g}, got {norm:.6g}", 422
@@ -549,6 +601,8 @@ class FederatedServer:
                     break
                 self._lock.wait(min(left, 1.0))
             cur.closed = True
+            while cur.storing:  # checked before the close: they count
+                self._lock.wait(1.0)
 
     def _fail(self, rnd: int, reason: str) -> None:
         self.store.fail_round(rnd, reason)
