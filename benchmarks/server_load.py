@@ -95,12 +95,58 @@ def serve(port: int, devices: int, rounds: int, state: str, bare: bool) -> None:
         server = FederatedServer(algorithm, StateStore(state), devices, settings)
         threading.Thread(target=server.run, args=(rounds,), daemon=True).start()
         app = create_app(server)
-    uvicorn.run(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=False
-    )
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 # --- the load generators ----------------------------------------------------------
+class Http:
+    """One device's HTTP connection: aiohttp (its C parser keeps the load
+    generators' CPU low) when installed, else httpx."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            import aiohttp
+        except ImportError:
+            import httpx
+
+            self._httpx: Any = httpx.AsyncClient(base_url=url, timeout=600)
+            self._aiohttp: Any = None
+        else:
+            self._httpx = None
+            self._aiohttp = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1),
+                timeout=aiohttp.ClientTimeout(total=600),
+            )
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, bytes]:
+        if self._aiohttp is None:
+            r = await self._httpx.request(method, path, headers=headers, content=body)
+            return r.status_code, r.content
+        async with self._aiohttp.request(
+            method, self.url + path, headers=headers, data=body or None
+        ) as r:
+            return r.status, await r.read()
+
+    async def close(self) -> None:
+        if self._aiohttp is None:
+            await self._httpx.aclose()
+        else:
+            await self._aiohttp.close()
+
+
+def client_library() -> str:
+    try:
+        import aiohttp
+    except ImportError:
+        import httpx
+
+        return f"httpx {httpx.__version__}"
+    return f"aiohttp {aiohttp.__version__}"
+
+
 async def device(
     url: str,
     client_id: int,
@@ -109,38 +155,42 @@ async def device(
     spans: list[tuple[int, float, float]],
     requests: dict[str, int],
 ) -> int:
-    import httpx
-
     meta = json.dumps({"num_examples": 10, "loss": 1.0, "metrics": {}})
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        r = await http.post("/v1/enrol", json={"client_id": client_id})
-        token = r.json()["token"]
-        auth = {"Authorization": f"Bearer {token}"}
+    http = Http(url)
+    try:
+        json_body = json.dumps({"client_id": client_id}).encode()
+        status, answer = await http.request(
+            "POST", "/v1/enrol", {"Content-Type": "application/json"}, json_body
+        )
+        auth = {"Authorization": f"Bearer {json.loads(answer)['token']}"}
         sent, wait = 0, 0.0
         while True:
-            r = await http.get("/v1/task", headers=auth)
-            requests[str(r.status_code)] = requests.get(str(r.status_code), 0) + 1
-            if r.status_code == 410:
+            status, answer = await http.request("GET", "/v1/task", auth)
+            requests[str(status)] = requests.get(str(status), 0) + 1
+            if status == 410:
                 return sent
-            if r.status_code == 204:  # back off as veil join does
-                wait = min(max(2 * wait, 0.05), 1.0)
+            if status == 204:  # back off as veil join does: 0.1 s doubling to 2 s
+                wait = min(max(2 * wait, 0.1), 2.0)
                 await asyncio.sleep(wait * random.uniform(0.5, 1.0))
                 continue
             wait = 0.0
-            rnd = r.json()["round"]
-            await http.get(f"/v1/rounds/{rnd}/model", headers=auth)
+            rnd = json.loads(answer)["round"]
+            await http.request("GET", f"/v1/rounds/{rnd}/model", auth)
             start = time.monotonic()
-            r = await http.post(
+            status, answer = await http.request(
+                "POST",
                 f"/v1/rounds/{rnd}/update",
-                content=body,
-                headers={**auth, "X-Veil-Result": meta},
+                {**auth, "X-Veil-Result": meta},
+                body,
             )
             end = time.monotonic()
             latencies.append(end - start)
             spans.append((rnd, start, end))
-            if r.status_code != 201:
-                raise RuntimeError(f"upload refused: {r.status_code} {r.text}")
+            if status != 201:
+                raise RuntimeError(f"upload refused: {status} {answer[:200]!r}")
             sent += 1
+    finally:
+        await http.close()
 
 
 async def bare_device(
@@ -150,16 +200,18 @@ async def bare_device(
     latencies: list[float],
     spans: list[tuple[int, float, float]],
 ) -> int:
-    import httpx
-
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+    http = Http(url)
+    try:
         for _ in range(count):
             start = time.monotonic()
-            r = await http.post("/sink", content=body)
+            status, _ = await http.request("POST", "/sink", {}, body)
             end = time.monotonic()
             latencies.append(end - start)
             spans.append((0, start, end))
-            r.raise_for_status()
+            if status != 200:
+                raise RuntimeError(f"the bare endpoint answered {status}")
+    finally:
+        await http.close()
     return count
 
 
@@ -167,6 +219,7 @@ def drive(url: str, ids: list[int], rounds: int, bare: bool) -> None:
     """A load-generator process: say ready, wait for go, run the devices ``ids``,
     print what was measured as one JSON line."""
     body = update_bytes()
+    client_library()  # imported before the clock starts
     latencies: list[float] = []
     spans: list[tuple[int, float, float]] = []
     requests: dict[str, int] = {}
@@ -184,7 +237,13 @@ def drive(url: str, ids: list[int], rounds: int, bare: bool) -> None:
     sent = sum(asyncio.run(everyone()))
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result = {"tasks": requests, "sent": sent, "latencies": latencies, "spans": spans, "cpu": cpu}
+    result = {
+        "tasks": requests,
+        "sent": sent,
+        "latencies": latencies,
+        "spans": spans,
+        "cpu": cpu,
+    }
     print(json.dumps(result), flush=True)
 
 
@@ -204,10 +263,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` (all its threads)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of process ``pid`` (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def wait_up(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -274,16 +334,19 @@ def measure(args: argparse.Namespace, bare: bool) -> dict[str, Any]:
                     raise RuntimeError("a load-generator process failed")
                 results.append(json.loads(out.strip().splitlines()[-1]))
             seconds = time.monotonic() - begin
-            server_cpu = cpu_seconds(server.pid) - cpu_before
+            cpu_after = cpu_seconds(server.pid)
             memory = peak_rss_mb(server.pid)
         finally:
             server.terminate()
             server.wait()
     sent = sum(r["sent"] for r in results)
+    user, system = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
+    server_cpu = user + system
     ms = np.array([x for r in results for x in r["latencies"]]) * 1000
     spans = [tuple(s) for r in results for s in r["spans"]]
     busy = sum(
-        max(e for q, _, e in spans if q == rnd) - min(b for q, b, _ in spans if q == rnd)
+        max(e for q, _, e in spans if q == rnd)
+        - min(b for q, b, _ in spans if q == rnd)
         for rnd in {s[0] for s in spans}
     )
     return {
@@ -295,6 +358,7 @@ def measure(args: argparse.Namespace, bare: bool) -> dict[str, Any]:
         "p99_ms": float(np.percentile(ms, 99)),
         "server_peak_mb": memory,
         "server_cpu_s": server_cpu,
+        "server_system_cpu_s": system,
         "server_cpu_ms_per_upload": 1000 * server_cpu / sent,
         "client_cpu_s": sum(r["cpu"] for r in results),
         "load_average": load,
@@ -308,7 +372,10 @@ def measure(args: argparse.Namespace, bare: bool) -> dict[str, Any]:
 def http_stack() -> str:
     """Which HTTP parser and event loop uvicorn picks here (``auto``)."""
     names = []
-    for module, fast, slow in (("httptools", "httptools", "h11"), ("uvloop", "uvloop", "asyncio")):
+    for module, fast, slow in (
+        ("httptools", "httptools", "h11"),
+        ("uvloop", "uvloop", "asyncio"),
+    ):
         try:
             __import__(module)
             names.append(fast)
@@ -343,7 +410,8 @@ def main() -> None:
     print(
         f"{args.devices} devices in {args.workers} load-generator processes, "
         f"{args.rounds} rounds, {PARAMETERS} float32 parameters an update; "
-        f"uvicorn with {http_stack()}; {os.cpu_count()} cpus shared by all"
+        f"uvicorn with {http_stack()}, devices on {client_library()}; "
+        f"{os.cpu_count()} cpus shared by all"
     )
     veil = measure(args, bare=False)
     bare = measure(args, bare=True)

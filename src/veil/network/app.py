@@ -212,7 +212,7 @@ def create_app(server: FederatedServer) -> FastAPI:
             410: {"model": ErrorBody, "description": "The run is over"},
         },
     )
-    def task(credentials: Bearer) -> Any:
+    async def task(credentials: Bearer) -> Any:
         """This client's task in the open round, if it has one."""
         client_id = server.authenticate(_token(credentials))
         info = server.task_for(client_id)
@@ -228,7 +228,7 @@ def create_app(server: FederatedServer) -> FastAPI:
         },
         response_class=Response,
     )
-    def model(rnd: int, credentials: Bearer) -> Response:
+    async def model(rnd: int, credentials: Bearer) -> Response:
         """The open round's global model, as safetensors."""
         server.authenticate(_token(credentials))
         return Response(server.model_bytes(rnd), media_type="application/octet-stream")

@@ -163,6 +163,10 @@ class _OpenRound:
     closed: bool = False
     # Clients whose checked update is being stored; accepted once it is committed.
     storing: set[int] = field(default_factory=set)
+    # The accepted updates, decoded, as aggregation takes them (the store has them
+    # too: this saves reading them back), and the bytes they were sent in.
+    results: dict[int, ClientResult] = field(default_factory=dict)
+    bytes_up: int = 0
 
 
 class FederatedServer:
@@ -199,9 +203,10 @@ class FederatedServer:
         self._round: _OpenRound | None = None
         self._tokens = store.clients()
         self._reference = {k: v.clone() for k, v in self._global_state().items()}
-        self._max_body = self.settings.max_body_bytes
-        if self._max_body is None:
-            self._max_body = encoded_size(self._reference) + _HEADER_ROOM
+        limit = self.settings.max_body_bytes
+        self._max_body = (
+            limit if limit is not None else encoded_size(self._reference) + _HEADER_ROOM
+        )
         self._check_identity()
         self.next_round = self._restore()
         self._admin_sha256 = self._admin_hash()
@@ -402,21 +407,21 @@ class FederatedServer:
                 dtypes or shapes, NaN or Inf, norm over the bound, bad metadata;
                 409 or 403 as :meth:`check_target`. Nothing is stored then.
         """
-        cur, stored = self._check_and_store(client_id, rnd, payload, meta)
+        cur, result, stored = self._check_and_store(client_id, rnd, payload, meta)
         stored.result()
-        self._stored(cur, client_id, stored)  # before the caller answers
+        self._stored(cur, result, len(payload), stored)  # before the answer
 
     async def accept_async(
         self, client_id: int, rnd: int, payload: bytes, meta: ResultMetadata
     ) -> None:
         """:meth:`accept` for the event loop: the checks run in the caller's
         thread, and the commit is awaited without holding a thread."""
-        _, stored = self._check_and_store(client_id, rnd, payload, meta)
+        *_, stored = self._check_and_store(client_id, rnd, payload, meta)
         await asyncio.wrap_future(stored)
 
     def _check_and_store(
         self, client_id: int, rnd: int, payload: bytes, meta: ResultMetadata
-    ) -> tuple[_OpenRound, Future[None]]:
+    ) -> tuple[_OpenRound, ClientResult, Future[None]]:
         """Check the upload, then hand it to the store. Until the store is done
         with it the client counts as sending (a second upload is refused, the
         round waits for it before closing); then it is accepted if committed."""
@@ -436,6 +441,9 @@ class FederatedServer:
         row = AcceptedUpdate(
             rnd, client_id, meta.num_examples, meta.loss, meta.metrics, payload
         )
+        result = ClientResult(
+            client_id, rnd, update, meta.num_examples, meta.loss, meta.metrics
+        )
         try:
             stored = self.store.submit_update(row)
         except BaseException:
@@ -445,20 +453,27 @@ class FederatedServer:
             raise
         # Runs in the writer thread as soon as the commit is done (or failed),
         # before anyone awaiting the future through asyncio is woken.
-        stored.add_done_callback(lambda f: self._stored(cur, client_id, f))
-        return cur, stored
+        stored.add_done_callback(lambda f: self._stored(cur, result, len(payload), f))
+        return cur, result, stored
 
-    def _stored(self, cur: _OpenRound, client_id: int, stored: Future[None]) -> None:
-        """The store is done with the client's upload: accepted if committed.
-        Idempotent."""
+    def _stored(
+        self, cur: _OpenRound, result: ClientResult, size: int, stored: Future[None]
+    ) -> None:
+        """The store is done with an upload: accepted if committed. Idempotent."""
         ok = stored.exception() is None
+        client_id = result.client_id
         with self._lock:
             if client_id not in cur.storing:
                 return
             cur.storing.discard(client_id)
             if ok:
                 cur.accepted.add(client_id)
-            self._lock.notify_all()
+                cur.results[client_id] = result
+                cur.bytes_up += size
+            # Wake the round's loop only when it has something to do: waking it
+            # for every upload costs every upload a thread switch.
+            if cur.closed or len(cur.accepted) == len(cur.tasks):
+                self._lock.notify_all()
         if ok:
             logger.info("round %d: accepted client %d's update", cur.round, client_id)
 
@@ -501,9 +516,9 @@ class FederatedServer:
         total = 0.0
         for name, t in update.items():
             square_sum = float(t.double().square().sum())
-            if not math.isfinite(square_sum) and t.is_floating_point():
-                if not bool(torch.isfinite(t).all()):
-                    raise ServiceError(f"tensor {name!r} holds NaN or Inf", 422)
+            finite = math.isfinite(square_sum) or not t.is_floating_point()
+            if not (finite or bool(torch.isfinite(t).all())):
+                raise ServiceError(f"tensor {name!r} holds NaN or Inf", 422)
             total += square_sum
         bound = norm_bound(self.algorithm, self.settings.max_update_norm)
         norm = math.sqrt(total)
@@ -529,25 +544,20 @@ class FederatedServer:
         self._wait(cur)
         if self.finished:  # stopped: the round stays open, a restart resumes it
             raise RoundFailedError(f"round {rnd} interrupted: the server stopped")
-        updates = self.store.updates(rnd)
+        # Sorted by client id: arrival order cannot matter.
+        results = [cur.results[k] for k in sorted(cur.results)]
         needed = min(self.settings.min_results, len(cur.tasks))
-        bytes_up = sum(len(u.tensors) for u in updates)
-        bytes_down = len(cur.model) * len(updates)
-        if len(updates) < needed:
+        bytes_up = cur.bytes_up
+        bytes_down = len(cur.model) * len(results)
+        if len(results) < needed:
             self._fail(
                 rnd,
-                f"{len(updates)} of {len(cur.tasks)} results by the "
+                f"{len(results)} of {len(cur.tasks)} results by the "
                 f"deadline, {needed} needed",
             )
             return RoundStats(
                 rnd, 0, bytes_up, bytes_down, math.nan, time.perf_counter() - start
             )
-        results = [
-            ClientResult(
-                u.client_id, rnd, decode(u.tensors), u.num_examples, u.loss, u.metrics
-            )
-            for u in updates  # sorted by client id: arrival order cannot matter
-        ]
         try:
             self._aggregate(rnd, results)
         except UpdateError as exc:  # validated on upload; a last line of defence
@@ -579,13 +589,25 @@ class FederatedServer:
             )
         else:
             self.store.set_deadline(rnd, deadline)  # devices were cut off: new time
-        accepted = {u.client_id for u in self.store.updates(rnd)}
+        updates = self.store.updates(rnd)  # accepted before a restart
         cur = _OpenRound(
             rnd,
             {t.client_id: t for t in tasks},
             deadline,
             encode(self._global_state()),
-            accepted,
+            {u.client_id for u in updates},
+            results={
+                u.client_id: ClientResult(
+                    u.client_id,
+                    rnd,
+                    decode(u.tensors),
+                    u.num_examples,
+                    u.loss,
+                    u.metrics,
+                )
+                for u in updates
+            },
+            bytes_up=sum(len(u.tensors) for u in updates),
         )
         with self._lock:
             self._round = cur

@@ -309,7 +309,10 @@ class StateStore:
                 "UPDATE updates SET tensors = NULL, sha256 = NULL WHERE round = ?",
                 (rnd,),
             )
-        shutil.rmtree(self._round_folder(rnd), ignore_errors=True)
+        # The files are no longer read: delete them without holding up the round.
+        threading.Thread(
+            target=shutil.rmtree, args=(self._round_folder(rnd), True), daemon=True
+        ).start()
 
     # updates
     def add_update(self, update: AcceptedUpdate) -> None:
