@@ -7,7 +7,9 @@ server's:
 - the server (``veil.network``: FedAvg over a 100,000-parameter float32 model, every
   client picked every round, state in SQLite) under uvicorn, in its own process;
 - ``--workers`` load-generator processes (default 2), each running its share of the
-  devices as asyncio tasks with one ``httpx.AsyncClient`` (one connection) each;
+  devices as asyncio tasks with one HTTP connection each: aiohttp when installed
+  (``pip install -e '.[loadgen]'``; its C parser makes a device cost the
+  generators about a quarter of the CPU httpx does), else httpx;
 - this process, which starts the others, says go, and collects the numbers.
 
 The machine may have fewer cores than processes (the project's has 2): then the
@@ -15,11 +17,13 @@ server and the load generators share the cores, and the time the generators take
 is time the server does not get. So besides wall-clock rates the benchmark reads
 the CPU time each side used (``/proc/PID/stat`` for the server, ``getrusage`` in
 each worker) and prints the server's CPU time per upload, which does not depend on
-how many cores the generators left it.
+how many cores the generators (or other jobs) left it. Wall-clock rates on a shared
+machine depend on its load, printed with each measurement.
 
-Every round each device asks for its task, downloads the model and uploads its
-update (a fixed random update, so device compute is not measured); the server checks
-each upload completely (token, round, names, shapes, dtypes, finite values, norm),
+Every round each device asks for its task (backing off as ``veil join`` does while
+there is none: 0.1 s, doubling to 2 s), downloads the model and uploads its update
+(a fixed random update, so device compute is not measured); the server checks each
+upload completely (token, round, names, shapes, dtypes, finite values, norm),
 stores it durably, and aggregates when all are in.
 
 Printed per server: uploads per second over the whole run (enrolment, downloads,
@@ -29,7 +33,10 @@ upload of each round), p50 and p99 latency of an upload, the server's peak memor
 the same run as the baseline, the same devices uploading the same bytes (and
 nothing else) to a bare FastAPI endpoint that only reads the body, with the ratio.
 
-    python benchmarks/server_load.py --devices 100 --rounds 5
+    python benchmarks/server_load.py --devices 100 --rounds 10 --json out.json
+
+Profile the server: ``SERVER_LOAD_PROFILE=server.prof`` runs it under cProfile, or
+attach ``py-spy record --gil -p PID`` to the ``--serve`` process.
 """
 
 from __future__ import annotations
