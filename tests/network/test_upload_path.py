@@ -81,6 +81,15 @@ def test_concurrent_updates_are_committed_together_and_only_then_done(
     store.close()
 
 
+def test_full_synchronous_store_round_trips(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, synchronous="FULL")
+    futures = [store.submit_update(update(2, k, value=k)) for k in range(3)]
+    for f in futures:
+        f.result(timeout=10)
+    assert store.updates(2) == [update(2, k, value=k) for k in range(3)]
+    store.close()
+
+
 def test_a_failing_update_does_not_sink_its_group(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.add_update(update(1, 0))

@@ -376,7 +376,7 @@ class StateStore:
             digest = hashlib.sha256(u.tensors).hexdigest()
             path = self._update_path(u.round, u.client_id, digest)
             if path.parent not in folders and not path.parent.exists():
-                path.parent.mkdir()
+                path.parent.mkdir(exist_ok=True)
                 if self._full:
                     _fsync_dir(path.parent.parent)
             folders.add(path.parent)
