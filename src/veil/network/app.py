@@ -36,7 +36,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from veil._wire import read_body
 from veil.errors import ServiceError
@@ -213,7 +212,7 @@ def create_app(server: FederatedServer) -> FastAPI:
             410: {"model": ErrorBody, "description": "The run is over"},
         },
     )
-    def task(credentials: Bearer) -> Any:
+    async def task(credentials: Bearer) -> Any:
         """This client's task in the open round, if it has one."""
         client_id = server.authenticate(_token(credentials))
         info = server.task_for(client_id)
@@ -229,7 +228,7 @@ def create_app(server: FederatedServer) -> FastAPI:
         },
         response_class=Response,
     )
-    def model(rnd: int, credentials: Bearer) -> Response:
+    async def model(rnd: int, credentials: Bearer) -> Response:
         """The open round's global model, as safetensors."""
         server.authenticate(_token(credentials))
         return Response(server.model_bytes(rnd), media_type="application/octet-stream")
@@ -251,7 +250,7 @@ def create_app(server: FederatedServer) -> FastAPI:
         meta = _parse_result(x_veil_result)
         server.check_target(client_id, rnd)
         payload = await read_body(request, server.max_body_bytes())
-        await run_in_threadpool(server.accept, client_id, rnd, payload, meta)
+        await server.accept_async(client_id, rnd, payload, meta)
         return Accepted(round=rnd, client_id=client_id)
 
     from veil.network.secagg import SecureFederatedServer

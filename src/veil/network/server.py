@@ -12,8 +12,10 @@ A round:
 2. collect: enrolled devices whose client id was picked ask for their task, download
    the global model and upload an update. Each upload is checked completely (token,
    round, duplicate, tensor names, dtypes, shapes, finite values, norm, metadata)
-   and only then stored, in one transaction;
-3. close: when every task has a result, or at the deadline, the round closes. With at
+   and only then stored (committed with the uploads arriving at the same moment,
+   see :mod:`veil.network.store`); the upload is answered once it is committed;
+3. close: when every task has a result, or at the deadline, the round closes (an
+   upload already being stored then is waited for, and counts). With at
    least ``min_results`` results (or every task's, if fewer were picked) the results,
    **sorted by client id**, go to ``aggregate``, so the order in which devices
    answered cannot change the model; the new model is checkpointed and the round and
@@ -27,6 +29,7 @@ accepted and a fresh deadline.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -36,6 +39,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +54,7 @@ from veil.errors import (
     UpdateError,
 )
 from veil.learning._types import ClientResult, ClientTask, StateDict
-from veil.learning.encoding import decode, encode
-from veil.learning.user_dp import update_norm
+from veil.learning.encoding import decode, encode, encoded_size
 from veil.network._algorithms import (
     apply_checkpoint,
     check_metrics,
@@ -158,6 +161,12 @@ class _OpenRound:
     model: bytes
     accepted: set[int] = field(default_factory=set)
     closed: bool = False
+    # Clients whose checked update is being stored; accepted once it is committed.
+    storing: set[int] = field(default_factory=set)
+    # The accepted updates, decoded, as aggregation takes them (the store has them
+    # too: this saves reading them back), and the bytes they were sent in.
+    results: dict[int, ClientResult] = field(default_factory=dict)
+    bytes_up: int = 0
 
 
 class FederatedServer:
@@ -194,6 +203,10 @@ class FederatedServer:
         self._round: _OpenRound | None = None
         self._tokens = store.clients()
         self._reference = {k: v.clone() for k, v in self._global_state().items()}
+        limit = self.settings.max_body_bytes
+        self._max_body = (
+            limit if limit is not None else encoded_size(self._reference) + _HEADER_ROOM
+        )
         self._check_identity()
         self.next_round = self._restore()
         self._admin_sha256 = self._admin_hash()
@@ -361,9 +374,7 @@ class FederatedServer:
 
     def max_body_bytes(self) -> int:
         """The largest upload accepted, in bytes."""
-        if self.settings.max_body_bytes is not None:
-            return self.settings.max_body_bytes
-        return len(encode(self._reference)) + _HEADER_ROOM
+        return self._max_body
 
     def check_target(self, client_id: int, rnd: int) -> None:
         """Refuse, before the body is read, an upload the open round cannot take:
@@ -385,7 +396,7 @@ class FederatedServer:
                 raise ServiceError(
                     f"client {client_id} is not among round {rnd}'s clients", 403
                 )
-            if client_id in cur.accepted:
+            if client_id in cur.accepted or client_id in cur.storing:
                 raise ServiceError(
                     f"client {client_id} already sent its update for round {rnd}",
                     409,
@@ -394,13 +405,31 @@ class FederatedServer:
     def accept(
         self, client_id: int, rnd: int, payload: bytes, meta: ResultMetadata
     ) -> None:
-        """Check an upload completely, then store it (one transaction).
+        """Check an upload completely, then store it; return once it is committed.
 
         Raises:
             ServiceError: 415 pickle, 400 malformed safetensors, 422 wrong names,
                 dtypes or shapes, NaN or Inf, norm over the bound, bad metadata;
                 409 or 403 as :meth:`check_target`. Nothing is stored then.
         """
+        cur, result, stored = self._check_and_store(client_id, rnd, payload, meta)
+        stored.result()
+        self._stored(cur, result, len(payload), stored)  # before the answer
+
+    async def accept_async(
+        self, client_id: int, rnd: int, payload: bytes, meta: ResultMetadata
+    ) -> None:
+        """:meth:`accept` for the event loop: the checks run in the caller's
+        thread, and the commit is awaited without holding a thread."""
+        *_, stored = self._check_and_store(client_id, rnd, payload, meta)
+        await asyncio.wrap_future(stored)
+
+    def _check_and_store(
+        self, client_id: int, rnd: int, payload: bytes, meta: ResultMetadata
+    ) -> tuple[_OpenRound, ClientResult, Future[None]]:
+        """Check the upload, then hand it to the store. Until the store is done
+        with it the client counts as sending (a second upload is refused, the
+        round waits for it before closing); then it is accepted if committed."""
         self._check_metadata(meta)
         refuse_pickle(payload)
         self._check_header(safetensors_header(payload))
@@ -413,14 +442,45 @@ class FederatedServer:
             self.check_target(client_id, rnd)
             cur = self._round
             assert cur is not None
-            self.store.add_update(
-                AcceptedUpdate(
-                    rnd, client_id, meta.num_examples, meta.loss, meta.metrics, payload
-                )
-            )
-            cur.accepted.add(client_id)
-            self._lock.notify_all()
-        logger.info("round %d: accepted client %d's update", rnd, client_id)
+            cur.storing.add(client_id)
+        row = AcceptedUpdate(
+            rnd, client_id, meta.num_examples, meta.loss, meta.metrics, payload
+        )
+        result = ClientResult(
+            client_id, rnd, update, meta.num_examples, meta.loss, meta.metrics
+        )
+        try:
+            stored = self.store.submit_update(row)
+        except BaseException:
+            with self._lock:
+                cur.storing.discard(client_id)
+                self._lock.notify_all()
+            raise
+        # Runs in the writer thread as soon as the commit is done (or failed),
+        # before anyone awaiting the future through asyncio is woken.
+        stored.add_done_callback(lambda f: self._stored(cur, result, len(payload), f))
+        return cur, result, stored
+
+    def _stored(
+        self, cur: _OpenRound, result: ClientResult, size: int, stored: Future[None]
+    ) -> None:
+        """The store is done with an upload: accepted if committed. Idempotent."""
+        ok = stored.exception() is None
+        client_id = result.client_id
+        with self._lock:
+            if client_id not in cur.storing:
+                return
+            cur.storing.discard(client_id)
+            if ok:
+                cur.accepted.add(client_id)
+                cur.results[client_id] = result
+                cur.bytes_up += size
+            # Wake the round's loop only when it has something to do: waking it
+            # for every upload costs every upload a thread switch.
+            if cur.closed or len(cur.accepted) == len(cur.tasks):
+                self._lock.notify_all()
+        if ok:
+            logger.info("round %d: accepted client %d's update", cur.round, client_id)
 
     def _check_metadata(self, meta: ResultMetadata) -> None:
         problem = check_metrics(self.algorithm, meta.metrics)
@@ -455,11 +515,18 @@ class FederatedServer:
                 )
 
     def _check_values(self, update: StateDict) -> None:
+        # One pass per tensor: its sum of squares in float64 (the norm's term, as
+        # update_norm computes it) is finite exactly when every value is, unless
+        # squaring large finite float64 values overflows; then look closer.
+        total = 0.0
         for name, t in update.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            square_sum = float(t.double().square().sum())
+            finite = math.isfinite(square_sum) or not t.is_floating_point()
+            if not (finite or bool(torch.isfinite(t).all())):
                 raise ServiceError(f"tensor {name!r} holds NaN or Inf", 422)
+            total += square_sum
         bound = norm_bound(self.algorithm, self.settings.max_update_norm)
-        norm = update_norm(update)
+        norm = math.sqrt(total)
         if norm > bound:
             raise ServiceError(
                 f"update's L2 norm must be at most {bound:.6g}, got {norm:.6g}", 422
@@ -482,25 +549,20 @@ class FederatedServer:
         self._wait(cur)
         if self.finished:  # stopped: the round stays open, a restart resumes it
             raise RoundFailedError(f"round {rnd} interrupted: the server stopped")
-        updates = self.store.updates(rnd)
+        # Sorted by client id: arrival order cannot matter.
+        results = [cur.results[k] for k in sorted(cur.results)]
         needed = min(self.settings.min_results, len(cur.tasks))
-        bytes_up = sum(len(u.tensors) for u in updates)
-        bytes_down = len(cur.model) * len(updates)
-        if len(updates) < needed:
+        bytes_up = cur.bytes_up
+        bytes_down = len(cur.model) * len(results)
+        if len(results) < needed:
             self._fail(
                 rnd,
-                f"{len(updates)} of {len(cur.tasks)} results by the "
+                f"{len(results)} of {len(cur.tasks)} results by the "
                 f"deadline, {needed} needed",
             )
             return RoundStats(
                 rnd, 0, bytes_up, bytes_down, math.nan, time.perf_counter() - start
             )
-        results = [
-            ClientResult(
-                u.client_id, rnd, decode(u.tensors), u.num_examples, u.loss, u.metrics
-            )
-            for u in updates  # sorted by client id: arrival order cannot matter
-        ]
         try:
             self._aggregate(rnd, results)
         except UpdateError as exc:  # validated on upload; a last line of defence
@@ -532,13 +594,25 @@ class FederatedServer:
             )
         else:
             self.store.set_deadline(rnd, deadline)  # devices were cut off: new time
-        accepted = {u.client_id for u in self.store.updates(rnd)}
+        updates = self.store.updates(rnd)  # accepted before a restart
         cur = _OpenRound(
             rnd,
             {t.client_id: t for t in tasks},
             deadline,
             encode(self._global_state()),
-            accepted,
+            {u.client_id for u in updates},
+            results={
+                u.client_id: ClientResult(
+                    u.client_id,
+                    rnd,
+                    decode(u.tensors),
+                    u.num_examples,
+                    u.loss,
+                    u.metrics,
+                )
+                for u in updates
+            },
+            bytes_up=sum(len(u.tensors) for u in updates),
         )
         with self._lock:
             self._round = cur
@@ -554,6 +628,8 @@ class FederatedServer:
                     break
                 self._lock.wait(min(left, 1.0))
             cur.closed = True
+            while cur.storing:  # checked before the close: they count
+                self._lock.wait(1.0)
 
     def _fail(self, rnd: int, reason: str) -> None:
         self.store.fail_round(rnd, reason)

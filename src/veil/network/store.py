@@ -1,4 +1,5 @@
-"""The server's durable state: one SQLite database and the checkpoint files.
+"""The server's durable state: one SQLite database, the update files and the
+checkpoint files.
 
 Everything the federated server must not lose lives here, so that a server killed at
 any moment (SIGKILL, power cut of the process) and restarted resumes where it was:
@@ -7,32 +8,49 @@ any moment (SIGKILL, power cut of the process) and restarted resumes where it wa
   itself is never stored) and when it was revoked;
 - ``rounds``: every round opened, with its tasks, deadline and outcome
   (``open``, ``aggregated`` or ``failed``), and the checkpoint it produced;
-- ``updates``: every accepted update, tensors as safetensors bytes, written in one
-  transaction each, so an answer of 201 means the update is on disk;
+- ``updates``: every accepted update: its metadata and the SHA-256 of its tensors,
+  which are in ``updates/round-NNNNNN/`` as the safetensors bytes the device sent;
 - ``ledger``: the privacy events released, one row per aggregated round, written in
   the same transaction that marks the round aggregated;
 - ``meta``: the admin token's hash and the run's identity (method, config digest).
+
+Updates are written by one writer thread that commits them in groups: each update's
+file is written first, then the rows of every update waiting at that moment are
+inserted in one transaction, and only when it has committed is each waiting upload
+told that it is stored, so an answer of 201 means the update is on disk. A file
+without a committed row (the process died in between) is never read. Keeping the
+tensors out of SQLite writes them once instead of twice (WAL, then the database)
+and makes dropping them after aggregation a matter of deleting a folder.
 
 The global model is checkpointed every round as safetensors: written to a temporary
 file, flushed to disk, then renamed over the final name (``os.replace`` is atomic),
 *before* the transaction that points the round at it commits. A crash between the
 two leaves an unreferenced file that the next aggregation overwrites.
 
-The database runs in WAL mode with ``synchronous = NORMAL``: a committed transaction
-survives the process being killed; after an operating-system crash or power loss the
-last transactions may be rolled back (set ``synchronous="FULL"`` to fsync every
-commit, at some cost in uploads per second).
+Durability, with ``synchronous = "NORMAL"`` (the default: the database in WAL mode,
+update files written but not flushed): a committed transaction and the files it
+points at survive the process being killed, since they are in the operating
+system's cache. After an operating-system crash or power loss the last transactions
+may be rolled back, and an update whose file did not reach the disk whole is found
+by its SHA-256 when read and dropped, as if it had never been received. With
+``synchronous = "FULL"`` every update file and its folder are flushed to disk
+before the transaction that records them, which is itself flushed, so an accepted
+update survives power loss too, at some cost in uploads per second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import queue
+import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +67,11 @@ __all__ = [
     "StateStore",
     "hash_token",
 ]
+
+logger = logging.getLogger(__name__)
+
+# Most updates the writer thread commits in one transaction.
+_MAX_GROUP = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -77,6 +100,7 @@ CREATE TABLE IF NOT EXISTS updates (
     tensors BLOB,
     size INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    sha256 TEXT,
     PRIMARY KEY (round, client_id)
 );
 CREATE TABLE IF NOT EXISTS ledger (
@@ -116,7 +140,8 @@ class RoundRow:
 
 @dataclass(frozen=True)
 class AcceptedUpdate:
-    """An accepted update as stored (tensors as safetensors bytes)."""
+    """An accepted update (tensors as safetensors bytes, empty once its round
+    was aggregated)."""
 
     round: int
     client_id: int
@@ -136,7 +161,8 @@ class StateStore:
             loss).
 
     Every method is safe to call from several threads: one connection is shared
-    under a lock, and each write is one transaction.
+    under a lock, and each write is one transaction. Updates are stored by a writer
+    thread (:meth:`submit_update`), started with the first one.
     """
 
     def __init__(self, folder: str | Path, synchronous: str = "NORMAL") -> None:
@@ -147,7 +173,14 @@ class StateStore:
         self.folder = Path(folder)
         self.checkpoints = self.folder / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.update_files = self.folder / "updates"
+        self.update_files.mkdir(exist_ok=True)
+        self._full = synchronous == "FULL"
         self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+        self._closed = False
         self._db = sqlite3.connect(
             self.folder / "state.sqlite",
             check_same_thread=False,
@@ -156,9 +189,19 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute(f"PRAGMA synchronous = {synchronous}")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(updates)")}
+        if "sha256" not in columns:  # a state folder from before update files
+            self._db.execute("ALTER TABLE updates ADD COLUMN sha256 TEXT")
 
     def close(self) -> None:
-        """Close the database."""
+        """Store the updates already submitted, stop the writer, close the
+        database."""
+        with self._writer_lock:
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
+            self._queue.put(None)
+            writer.join()
         with self._lock:
             self._db.close()
 
@@ -262,37 +305,158 @@ class StateStore:
                 "INSERT INTO ledger (round, event, recorded_at) VALUES (?, ?, ?)",
                 [(rnd, json.dumps(e), now) for e in events],
             )
-            db.execute("UPDATE updates SET tensors = NULL WHERE round = ?", (rnd,))
+            db.execute(
+                "UPDATE updates SET tensors = NULL, sha256 = NULL WHERE round = ?",
+                (rnd,),
+            )
+        # The files are no longer read: delete them without holding up the round.
+        threading.Thread(
+            target=shutil.rmtree, args=(self._round_folder(rnd), True), daemon=True
+        ).start()
 
     # updates
     def add_update(self, update: AcceptedUpdate) -> None:
-        """Store an accepted update (one transaction)."""
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        """Store an accepted update; return once it is committed."""
+        self.submit_update(update).result()
+
+    def submit_update(self, update: AcceptedUpdate) -> Future[None]:
+        """Hand an accepted update to the writer thread. The future is done once
+        the update is committed (its file written, its row in a committed
+        transaction), or holds the error that stopped it (nothing stored then).
+
+        Concurrent submissions are committed together, one transaction for all the
+        updates waiting when the writer gets to them (group commit).
+        """
+        job = _Job(update, Future())
+        with self._writer_lock:
+            if self._closed:
+                raise RuntimeError("the state store is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_updates, name="veil-update-writer", daemon=True
+                )
+                self._writer.start()
+            self._queue.put(job)
+        return job.done
+
+    def _write_updates(self) -> None:
+        """The writer thread: commit the waiting updates, group by group."""
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group, stop = [first], False
+            while len(group) < _MAX_GROUP and not self._queue.empty():
+                job = self._queue.get()
+                if job is None:
+                    stop = True
+                    break
+                group.append(job)
+            self._commit_group(group)
+            if stop:
+                return
+
+    def _commit_group(self, group: list[_Job]) -> None:
+        try:
+            self._store_updates([job.update for job in group])
+        except Exception as exc:
+            if len(group) > 1:  # nothing was committed: find which one fails
+                for job in group:
+                    self._commit_group([job])
+            else:
+                group[0].done.set_exception(exc)
+            return
+        for job in group:
+            job.done.set_result(None)
+
+    def _store_updates(self, updates: list[AcceptedUpdate]) -> None:
+        """Write the updates' files, then their rows in one transaction."""
+        rows, folders = [], set()
+        for u in updates:
+            digest = hashlib.sha256(u.tensors).hexdigest()
+            path = self._update_path(u.round, u.client_id, digest)
+            if path.parent not in folders and not path.parent.exists():
+                path.parent.mkdir(exist_ok=True)
+                if self._full:
+                    _fsync_dir(path.parent.parent)
+            folders.add(path.parent)
+            with open(path, "wb") as f:
+                f.write(u.tensors)
+                if self._full:
+                    f.flush()
+                    os.fsync(f.fileno())
+            rows.append(
                 (
-                    update.round,
-                    update.client_id,
-                    update.num_examples,
-                    update.loss,
-                    json.dumps(update.metrics),
-                    update.tensors,
-                    len(update.tensors),
+                    u.round,
+                    u.client_id,
+                    u.num_examples,
+                    u.loss,
+                    json.dumps(u.metrics),
+                    len(u.tensors),
                     time.time(),
-                ),
+                    digest,
+                )
+            )
+        if self._full:
+            for folder in folders:
+                _fsync_dir(folder)
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO updates (round, client_id, num_examples, loss, metrics, "
+                "size, received_at, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
 
+    def _round_folder(self, rnd: int) -> Path:
+        return self.update_files / f"round-{rnd:06d}"
+
+    def _update_path(self, rnd: int, client_id: int, digest: str) -> Path:
+        # The digest in the name: a write that fails to commit never overwrites
+        # the file of a committed update.
+        name = f"client-{client_id:06d}-{digest}.safetensors"
+        return self._round_folder(rnd) / name
+
     def updates(self, rnd: int) -> list[AcceptedUpdate]:
-        """The accepted updates of round ``rnd``, by increasing client id."""
+        """The accepted updates of round ``rnd``, by increasing client id.
+
+        An update whose file is missing or does not match its SHA-256 (it did not
+        reach the disk whole before a power loss) is deleted, with a warning, as
+        if it had never been received.
+        """
         rows = self._query(
-            "SELECT client_id, num_examples, loss, metrics, tensors FROM updates "
-            "WHERE round = ? ORDER BY client_id",
+            "SELECT client_id, num_examples, loss, metrics, tensors, sha256 "
+            "FROM updates WHERE round = ? ORDER BY client_id",
             (rnd,),
         )
-        return [
-            AcceptedUpdate(rnd, k, n, loss, json.loads(m), t or b"")
-            for k, n, loss, m, t in rows
-        ]
+        found, lost = [], []
+        for k, n, loss, m, blob, digest in rows:
+            tensors = blob or b""
+            if digest is not None:
+                tensors = self._read_update(rnd, k, digest)
+                if tensors is None:
+                    lost.append(k)
+                    continue
+            found.append(AcceptedUpdate(rnd, k, n, loss, json.loads(m), tensors))
+        if lost:
+            logger.warning(
+                "round %d: the updates of clients %s did not reach the disk whole "
+                "(a power loss?); they are dropped as if never received",
+                rnd,
+                lost,
+            )
+            with self._transaction() as db:
+                db.executemany(
+                    "DELETE FROM updates WHERE round = ? AND client_id = ?",
+                    [(rnd, k) for k in lost],
+                )
+        return found
+
+    def _read_update(self, rnd: int, client_id: int, digest: str) -> bytes | None:
+        try:
+            data = self._update_path(rnd, client_id, digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == digest else None
 
     def counts(self) -> dict[str, int]:
         """How many updates were accepted and how many bytes they held."""
@@ -342,6 +506,12 @@ class StateStore:
         for path in self.checkpoints.glob("round-*.safetensors"):
             if path.name not in (keep, "round-000000.safetensors"):
                 path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class _Job:
+    update: AcceptedUpdate
+    done: Future[None]
 
 
 def _fsync_dir(folder: Path) -> None:
