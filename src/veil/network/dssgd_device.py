@@ -1,0 +1,215 @@
+"""The device side of DSSGD over the network: ask for a turn, download, train, upload.
+
+A device acts for one or more clients (:class:`~veil.network.device.Identity`),
+each with its own :class:`~veil.learning.dssgd.DSSGDClient` (local parameters that
+persist between turns, and under DP its privacy ledger). For a granted turn it
+downloads the sparse parameters, rebuilds the turn's generator as the server's
+download left it (:func:`~veil.network.dssgd.turn_generator`), runs
+:func:`veil.experiment._dssgd.client_turn` (the function the simulation and Ray run)
+and uploads the encoded change with ``X-Veil-Result``. With nothing to do it waits
+with backoff; it stops when the server answers 410 (run over) or every identity was
+revoked. Transport errors and 5xx are retried by
+:class:`~veil.network.device.DeviceClient`, so a device rides out a server restart.
+
+Under DP a device starting up reads back, from the server, the privacy events of
+its clients' earlier uploads (``GET /v1/dssgd/ledger``), so a restarted device
+keeps counting its budget from where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from veil.errors import ServiceError
+from veil.learning import SGDTrainer
+from veil.learning.dssgd import DSSGDClient, DSSGDSettings
+from veil.network.device import Backoff, DeviceClient, Identity, _bearer, _raise_for
+from veil.network.dssgd import turn_generator
+from veil.privacy import PrivacyEvent
+
+__all__ = ["DeviceTraffic", "restore_ledgers", "run_dssgd_device"]
+
+logger = logging.getLogger(__name__)
+
+ClientData = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DeviceTraffic:
+    """What a device sent and received: turns applied and HTTP body bytes.
+
+    Attributes:
+        turns: uploads the server applied.
+        refused: uploads the server refused (an expired turn, say).
+        bytes_up: body bytes of the applied uploads.
+        bytes_down: body bytes of the downloads of those turns.
+    """
+
+    turns: int = 0
+    refused: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    per_client: dict[int, int] = field(default_factory=dict)
+
+
+def restore_ledgers(
+    client: DeviceClient, identities: list[Identity], states: dict[int, DSSGDClient]
+) -> None:
+    """Record into each client's ledger the events the server holds for it."""
+    for ident in identities:
+        ledger = states[ident.client_id].ledger
+        if ledger is None:
+            continue
+        r = client.request("GET", "/v1/dssgd/ledger", headers=_bearer(ident.token))
+        _raise_for(r)
+        events = [PrivacyEvent.from_dict(e) for e in r.json()["events"]]
+        for event in events:
+            ledger.record(event)
+        if events:
+            logger.info(
+                "client %d: %d privacy events restored", ident.client_id, len(events)
+            )
+
+
+class _Device:
+    """The polling loop of :func:`run_dssgd_device`."""
+
+    def __init__(
+        self,
+        client: DeviceClient,
+        states: dict[int, DSSGDClient],
+        model: nn.Module,
+        data: ClientData,
+        trainer: SGDTrainer,
+        settings: DSSGDSettings,
+        identities: list[Identity],
+    ) -> None:
+        self.client = client
+        self.states = states
+        self.model = model
+        self.data = data
+        self.trainer = trainer
+        self.settings = settings
+        self.identities = list(identities)
+        self.traffic = DeviceTraffic()
+
+    def step(self) -> bool | None:
+        """Ask for a turn for every identity and take those granted; ``True`` if
+        any work was done, ``None`` once the run is over or nobody is left."""
+        worked = False
+        # Wait at the server for a turn, a second in all per pass.
+        wait = {"wait": f"{1.0 / max(len(self.identities), 1):.3f}"}
+        for ident in list(self.identities):
+            headers = _bearer(ident.token)
+            r = self.client.request(
+                "POST", "/v1/dssgd/turn", headers=headers, params=wait
+            )
+            if r.status_code == 410:
+                return None
+            if r.status_code in (401, 403):
+                logger.warning("client %d dropped: %s", ident.client_id, r.text)
+                self.identities.remove(ident)
+                continue
+            if r.status_code == 200:
+                self.take_turn(ident, r.json())
+                worked = True
+            elif r.status_code != 204:
+                _raise_for(r)
+        return worked if self.identities else None
+
+    def take_turn(self, ident: Identity, grant: dict[str, Any]) -> None:
+        from veil.experiment._dssgd import client_turn
+
+        k, turn = ident.client_id, int(grant["turn"])
+        headers = _bearer(ident.token)
+        r = self.client.request(
+            "GET", f"/v1/dssgd/turns/{turn}/download", headers=headers
+        )
+        if r.status_code != 200:  # the turn expired meanwhile
+            logger.info("client %d: no download for turn %d (%s)", k, turn, r.text)
+            return
+        payload = r.content
+        generator = turn_generator(
+            int(grant["seed"]), self.settings.download_fraction, int(grant["size"])
+        )
+        x, y = self.data(k)
+        self.states[k], reply = client_turn(
+            self.states[k],
+            self.model,
+            x,
+            y,
+            payload,
+            int(grant["version"]),
+            generator.get_state(),
+            self.trainer,
+            self.settings,
+        )
+        result = {"loss": reply.loss, "over_budget": reply.over_budget, "metrics": {}}
+        r = self.client.request(
+            "POST",
+            f"/v1/dssgd/turns/{turn}/upload",
+            content=reply.payload,
+            headers={**headers, "X-Veil-Result": json.dumps(result)},
+        )
+        if r.status_code == 201:
+            t = self.traffic
+            t.turns += 1
+            t.bytes_up += len(reply.payload)
+            t.bytes_down += len(payload)
+            t.per_client[k] = t.per_client.get(k, 0) + 1
+            logger.info("client %d: turn %d applied (%s)", k, turn, r.text)
+        else:
+            self.traffic.refused += 1
+            logger.warning(
+                "client %d: turn %d upload refused (%d %s)",
+                k,
+                turn,
+                r.status_code,
+                r.text[:300],
+            )
+
+
+def run_dssgd_device(
+    client: DeviceClient,
+    states: dict[int, DSSGDClient],
+    model: nn.Module,
+    data: ClientData,
+    trainer: SGDTrainer,
+    settings: DSSGDSettings,
+    identities: list[Identity],
+    poll: Backoff | None = None,
+) -> DeviceTraffic:
+    """Take turns for ``identities`` until the run is over; return the traffic.
+
+    Args:
+        client: the connection to the server.
+        states: each identity's client state (local parameters, ledger), by id.
+        model: a scratch model of the run's architecture (weights overwritten).
+        data: a client's ``(features, labels)`` by client id.
+        trainer: local training of a turn.
+        settings: the run's turn settings (from the server's config).
+        identities: the client ids this device acts for, with their tokens.
+        poll: how long to wait between polls with nothing to do.
+    """
+    missing = [i.client_id for i in identities if i.client_id not in states]
+    if missing:
+        raise ServiceError(f"no client state for clients {missing}", 0)
+    restore_ledgers(client, identities, states)
+    device = _Device(client, states, model, data, trainer, settings, identities)
+    poll = poll or Backoff(first=0.01, cap=0.2)
+    while True:
+        worked = device.step()
+        if worked is None:
+            logger.info("device done: %d turns applied", device.traffic.turns)
+            return device.traffic
+        if worked:
+            poll.reset()
+        else:
+            poll.wait()
