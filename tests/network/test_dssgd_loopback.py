@@ -164,6 +164,6 @@ def test_serve_killed_mid_run_resumes_and_ends_as_the_simulation(
     for name in final:
         assert (final[name] == expected[name]).all(), name
     db = sqlite3.connect(d.folder / "state" / "dssgd.sqlite")
-    assert db.execute("SELECT COUNT(*) FROM turns WHERE status = 'applied'").fetchone() == (
-        24,
-    )
+    assert db.execute(
+        "SELECT COUNT(*) FROM turns WHERE status = 'applied'"
+    ).fetchone() == (24,)

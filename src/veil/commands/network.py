@@ -3,8 +3,8 @@
 Thin wrappers over :mod:`veil.experiment._network` and :mod:`veil.network.certs`:
 
 - ``veil serve CONFIG --state DIR``: the federated server for the config's FedAvg
-  or DP-FedAvg, or DSSGD's parameter server, over HTTPS with ``--cert``/``--key``; restarted on the same DIR it
-  resumes;
+  or DP-FedAvg, or DSSGD's parameter server, over HTTPS with ``--cert``/``--key``;
+  restarted on the same DIR it resumes;
 - ``veil join --server URL --clients 0-9``: a device process acting for those
   clients (their data read from the local dataset, as the config splits it);
 - ``veil certs --out DIR``: a self-signed certificate and key for trials.

@@ -337,7 +337,9 @@ def serve_dssgd(
     service = build_service(config, fraction, folder, enrolment_key)
     like = initial_state(config)
     log = _round_logger(config, folder, data_dir, like)
-    uv, thread, port = start_uvicorn(create_dssgd_app(service), host, port, **(ssl or {}))
+    uv, thread, port = start_uvicorn(
+        create_dssgd_app(service), host, port, **(ssl or {})
+    )
     scheme = "http" if not ssl else "https"
     announce(f"serving dssgd on {scheme}://{host}:{port} (state in {folder})")
     try:
@@ -381,7 +383,9 @@ def _round_logger(
         test = None
     model = build_model(config.model.name)
 
-    def log(rnd: int, rows: list[TurnRow], seconds: float, params: torch.Tensor) -> None:
+    def log(
+        rnd: int, rows: list[TurnRow], seconds: float, params: torch.Tensor
+    ) -> None:
         record: dict[str, Any] = {
             "round": rnd,
             "turns": len(rows),

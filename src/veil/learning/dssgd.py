@@ -571,7 +571,6 @@ class ServerState:
     version: int
 
 
-
 class ParameterServer:
     """The global parameters and how often each has been updated.
 

@@ -426,7 +426,9 @@ class DSSGDService:
         """The round and client of a synchronous schedule's slot."""
         rnd = slot // self.num_clients + 1
         if rnd not in self._orders:
-            self._orders = {rnd: turn_order(self.order, self.num_clients, rnd, self.seed)}
+            self._orders = {
+                rnd: turn_order(self.order, self.num_clients, rnd, self.seed)
+            }
         return rnd, self._orders[rnd][slot % self.num_clients]
 
     def _open_slots(self) -> int:
@@ -492,15 +494,15 @@ class DSSGDService:
 
     def _grant(self, client_id: int) -> _Grant | None:
         c = self._count
+        slot: int | None = None
         if self.synchronous:
-            slot: int | None = c.resolved
-            if slot >= self._open_slots() or self._grants:
+            if c.resolved >= self._open_slots() or self._grants:
                 return None
+            slot = c.resolved
             rnd, k = self._schedule(slot)
             if k != client_id:
                 return None
         else:
-            slot = None
             if c.resolved + len(self._grants) >= self._open_slots():
                 return None
             rnd = c.turns_of.get(client_id, 0) + 1
@@ -706,9 +708,7 @@ class DSSGDService:
             entry = header[name]
             dtype = entry.get("dtype") if isinstance(entry, dict) else None
             shape = entry.get("shape") if isinstance(entry, dict) else None
-            if dtype != want[name] or not (
-                isinstance(shape, list) and len(shape) == 1
-            ):
+            if dtype != want[name] or not (isinstance(shape, list) and len(shape) == 1):
                 raise ServiceError(
                     f"tensor {name!r} must be 1-d {want[name]}, got {dtype} of shape "
                     f"{shape}",

@@ -294,14 +294,33 @@ class TurnStore:
             "download, bytes_down, applied_version, staleness, uploaded, bytes_up, "
             "loss, over_budget FROM turns ORDER BY turn"
         )
-        return [
-            TurnRow(*r[:14], None if r[14] is None else bool(r[14])) for r in rows
-        ]
+        return [_row(r) for r in rows]
 
     def ledger(self) -> list[tuple[int, dict[str, Any]]]:
         """Every privacy event recorded, oldest first, with its client id."""
         rows = self._query("SELECT client_id, event FROM ledger ORDER BY id")
         return [(int(k), json.loads(e)) for k, e in rows]
+
+
+def _row(r: tuple[Any, ...]) -> TurnRow:
+    over_budget = None if r[14] is None else bool(r[14])
+    return TurnRow(
+        int(r[0]),
+        int(r[1]),
+        int(r[2]),
+        r[3],
+        int(r[4]),
+        int(r[5]),
+        str(r[6]),
+        r[7],
+        int(r[8]),
+        r[9],
+        r[10],
+        r[11],
+        r[12],
+        r[13],
+        over_budget,
+    )
 
 
 def _state_bytes(parameters: torch.Tensor, counts: torch.Tensor, version: int) -> bytes:
