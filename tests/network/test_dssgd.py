@@ -208,17 +208,29 @@ def test_restart_restores_ledgers_and_devices_read_them_back(tmp_path: Path) -> 
     assert [e["source"] for e in events] == ["dssgd-selection", "dssgd-values"]
 
 
-def test_a_silent_client_is_skipped_after_the_timeout(tmp_path: Path) -> None:
+def test_silent_clients_are_skipped_and_late_uploads_refused(tmp_path: Path) -> None:
     from veil.network.dssgd import DSSGDServerSettings
 
-    network = DSSGDServerSettings(turn_timeout=0.3)
+    network = DSSGDServerSettings(turn_timeout=0.5)
     h = NetHarness(tmp_path, "round_robin", 1, settings(), network)
     tokens = {k: h.enrol(k) for k in range(NUM_CLIENTS)}
-    traffic = h.run_devices([[1, 2, 3]], tokens, 1)  # client 0 never comes
-    assert traffic[0].turns == 3
+    body = _upload_body(h, [1, 2], [0.1, 0.2])
+
+    # Client 0 never asks: after the timeout its slot is skipped, client 1 goes.
+    g1 = h.http.post("/v1/dssgd/turn?wait=5", headers=_auth(tokens[1])).json()
+    assert _upload(h, tokens[1], g1["turn"], body).status_code == 201
+    # Client 2 takes its turn but uploads too late: refused, and client 3 goes.
+    g2 = h.http.post("/v1/dssgd/turn", headers=_auth(tokens[2])).json()
+    g3 = h.http.post("/v1/dssgd/turn?wait=5", headers=_auth(tokens[3])).json()
+    late = _upload(h, tokens[2], g2["turn"], body)
+    assert late.status_code == 409 and "is over" in late.json()["error"]
+    assert _upload(h, tokens[3], g3["turn"], body).status_code == 201
+
     status = h.service.status()
-    assert (status["turns_applied"], status["turns_expired"]) == (3, 1)
-    assert h.service.turn_store.turns()[0].status == "expired"
+    assert (status["turns_applied"], status["turns_expired"]) == (2, 2)
+    stored = [(r.client_id, r.status) for r in h.service.turn_store.turns()]
+    assert stored == [(0, "expired"), (1, "applied"), (2, "expired"), (3, "applied")]
+    assert h.service.server.version == 2
 
 
 def _auth(token: str) -> dict[str, str]:
@@ -247,3 +259,41 @@ def _upload(
     meta = {"loss": 1.0} if result is None else result
     headers = {**_auth(token), "X-Veil-Result": json.dumps(meta)}
     return h.http.post(f"/v1/dssgd/turns/{turn}/upload", content=body, headers=headers)
+
+
+def test_serve_picks_dssgd_when_the_config_runs_only_dssgd() -> None:
+    from veil.commands.network import _default_method
+
+    assert _default_method(["dssgd"]) == "dssgd"
+    assert _default_method(["centralized", "dssgd"]) == "dssgd"
+    assert _default_method(["fedavg", "dssgd"]) == "fedavg"
+    assert _default_method(["dp-fedavg", "dssgd"]) == "dp-fedavg"
+
+
+def test_a_folder_of_another_run_is_refused(tmp_path: Path) -> None:
+    from veil.errors import ConfigError
+    from veil.network import StateStore
+    from veil.network.dssgd import DSSGDService
+    from veil.network.dssgd_store import TurnStore
+
+    NetHarness(tmp_path, "round_robin", 1, settings()).close()
+    with pytest.raises(ConfigError, match="holds another run"):
+        DSSGDService(
+            start(),
+            settings(),
+            StateStore(tmp_path),
+            TurnStore(tmp_path),
+            NUM_CLIENTS,
+            1,
+            "round_robin",
+            0,
+            config={"seed": 8},
+        )
+
+
+def test_config_and_status_describe_the_run(tmp_path: Path) -> None:
+    h = NetHarness(tmp_path, "random", 2, settings())
+    assert h.http.get("/v1/config").json() == {"method": "dssgd", "config": {"seed": 7}}
+    status = h.http.get("/v1/status").json()
+    assert status["order"] == "random" and status["turns_total"] == 2 * NUM_CLIENTS
+    assert status["current"]["slot"] == 0 and status["version"] == 0

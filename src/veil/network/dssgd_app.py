@@ -28,6 +28,7 @@ import json
 import logging
 from typing import Annotated, Any
 
+import anyio
 from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -48,6 +49,7 @@ from veil.network.app import (
 from veil.network.dssgd import MAX_WAIT, DSSGDService, TurnResult
 
 __all__ = [
+    "WAITING_THREADS",
     "TurnApplied",
     "TurnResponse",
     "TurnResultHeader",
@@ -57,6 +59,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_METRICS = 32
+#: Turn requests that may wait at once (each in its own thread); more queue.
+WAITING_THREADS = 256
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422)
@@ -182,14 +186,20 @@ def create_dssgd_app(service: DSSGDService) -> FastAPI:
             410: {"model": ErrorBody, "description": "The run is over"},
         },
     )
-    def turn(
+    async def turn(
         credentials: Bearer,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0.0,
     ) -> Any:
         """Ask for a turn: granted (with its download made) or, after waiting up
         to ``wait`` seconds for one, not now."""
         client_id = service.authenticate(_token(credentials))
-        grant = service.request_turn(client_id, wait)
+        # Waiting requests sleep in threads of their own, so that they never
+        # hold the threads that serve downloads and uploads.
+        if getattr(app.state, "waiting", None) is None:
+            app.state.waiting = anyio.CapacityLimiter(WAITING_THREADS)
+        grant = await anyio.to_thread.run_sync(
+            service.request_turn, client_id, wait, limiter=app.state.waiting
+        )
         if grant is None:
             return Response(status_code=204, headers={"Retry-After": str(RETRY_AFTER)})
         return TurnResponse(**grant.__dict__)

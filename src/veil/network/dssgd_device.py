@@ -7,9 +7,10 @@ downloads the sparse parameters, rebuilds the turn's generator as the server's
 download left it (:func:`~veil.network.dssgd.turn_generator`), runs
 :func:`veil.experiment._dssgd.client_turn` (the function the simulation and Ray run)
 and uploads the encoded change with ``X-Veil-Result``. With nothing to do it waits
-with backoff; it stops when the server answers 410 (run over) or every identity was
-revoked. Transport errors and 5xx are retried by
-:class:`~veil.network.device.DeviceClient`, so a device rides out a server restart.
+at the server (one long-polling thread per client, turns taken one at a time); it
+stops when the server answers 410 (run over) or every identity was revoked.
+Transport errors and 5xx are retried by :class:`~veil.network.device.DeviceClient`,
+so a device rides out a server restart.
 
 Under DP a device starting up reads back, from the server, the privacy events of
 its clients' earlier uploads (``GET /v1/dssgd/ledger``), so a restarted device
@@ -18,8 +19,10 @@ keeps counting its budget from where it was.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +34,7 @@ from veil.errors import ServiceError
 from veil.learning import SGDTrainer
 from veil.learning.dssgd import DSSGDClient, DSSGDSettings
 from veil.network.device import Backoff, DeviceClient, Identity, _bearer, _raise_for
-from veil.network.dssgd import turn_generator
+from veil.network.dssgd import MAX_WAIT, turn_generator
 from veil.privacy import PrivacyEvent
 
 __all__ = ["DeviceTraffic", "restore_ledgers", "run_dssgd_device"]
@@ -99,30 +102,33 @@ class _Device:
         self.settings = settings
         self.identities = list(identities)
         self.traffic = DeviceTraffic()
+        self.training = threading.Lock()  # one scratch model: one turn at a time
+        self.over = threading.Event()
 
-    def step(self) -> bool | None:
-        """Ask for a turn for every identity and take those granted; ``True`` if
-        any work was done, ``None`` once the run is over or nobody is left."""
-        worked = False
-        # Wait at the server for a turn, a second in all per pass.
-        wait = {"wait": f"{1.0 / max(len(self.identities), 1):.3f}"}
-        for ident in list(self.identities):
-            headers = _bearer(ident.token)
+    def serve(self, ident: Identity, poll: Backoff) -> None:
+        """Ask for ``ident``'s turns (waiting at the server for each) and take
+        them, one client's training at a time, until the run is over or the
+        identity is refused."""
+        headers = _bearer(ident.token)
+        wait = {"wait": f"{MAX_WAIT:g}"}
+        while not self.over.is_set():
             r = self.client.request(
                 "POST", "/v1/dssgd/turn", headers=headers, params=wait
             )
             if r.status_code == 410:
-                return None
+                self.over.set()
+                return
             if r.status_code in (401, 403):
                 logger.warning("client %d dropped: %s", ident.client_id, r.text)
-                self.identities.remove(ident)
-                continue
+                return
             if r.status_code == 200:
-                self.take_turn(ident, r.json())
-                worked = True
-            elif r.status_code != 204:
+                with self.training:
+                    self.take_turn(ident, r.json())
+                poll.reset()
+            elif r.status_code == 204:
+                poll.wait()  # the server already waited; this only paces retries
+            else:
                 _raise_for(r)
-        return worked if self.identities else None
 
     def take_turn(self, ident: Identity, grant: dict[str, Any]) -> None:
         from veil.experiment._dssgd import client_turn
@@ -196,20 +202,34 @@ def run_dssgd_device(
         trainer: local training of a turn.
         settings: the run's turn settings (from the server's config).
         identities: the client ids this device acts for, with their tokens.
-        poll: how long to wait between polls with nothing to do.
+        poll: how long to wait between asking again after a 204 (the server
+            already waited up to 10 s for a turn); default 0.01 to 0.2 s.
     """
     missing = [i.client_id for i in identities if i.client_id not in states]
     if missing:
         raise ServiceError(f"no client state for clients {missing}", 0)
     restore_ledgers(client, identities, states)
     device = _Device(client, states, model, data, trainer, settings, identities)
-    poll = poll or Backoff(first=0.01, cap=0.2)
-    while True:
-        worked = device.step()
-        if worked is None:
-            logger.info("device done: %d turns applied", device.traffic.turns)
-            return device.traffic
-        if worked:
-            poll.reset()
-        else:
-            poll.wait()
+    errors: list[BaseException] = []
+
+    def serve(ident: Identity) -> None:
+        try:
+            device.serve(ident, copy.copy(poll) if poll else Backoff(0.01, 0.2))
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+            device.over.set()
+
+    # One polling thread per identity, so that each waits at the server for its
+    # own turn; the training lock keeps turns on this device one at a time.
+    threads = [
+        threading.Thread(target=serve, args=(i,), name=f"client-{i.client_id}")
+        for i in identities
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    logger.info("device done: %d turns applied", device.traffic.turns)
+    return device.traffic
