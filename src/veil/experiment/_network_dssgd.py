@@ -214,10 +214,16 @@ class NetworkDSSGDRun:
         settings: the run's turn settings.
     """
 
-    def __init__(self, service: DSSGDService, settings: DSSGDSettings) -> None:
+    def __init__(
+        self,
+        service: DSSGDService,
+        settings: DSSGDSettings,
+        devices: list[subprocess.Popen[bytes]] | None = None,
+    ) -> None:
         self.service = service
         self.settings = settings
         self.clients = list(range(service.num_clients))
+        self.devices = devices or []
         self._seen = 0
 
     @property
@@ -228,9 +234,17 @@ class NetworkDSSGDRun:
     def run_round(self, rnd: int) -> list[TurnStats]:
         """Let devices take round ``rnd``'s turns; return those applied."""
         self.service.release(rnd)
-        rows = self.service.wait_round(rnd)
+        rows = self.service.wait_round(rnd, check=self._check_devices)
         new, self._seen = rows[self._seen :], len(rows)
         return [turn_stats(r) for r in new]
+
+    def _check_devices(self) -> None:
+        codes = [p.poll() for p in self.devices]
+        if self.devices and all(c is not None for c in codes):
+            raise ConfigError(
+                f"every device process has exited (exit codes {codes}) before the "
+                "run's turns were done; see their output above"
+            )
 
     def client_states(self) -> list[DSSGDClient]:
         """Each client's privacy record, as the server accounted it."""
@@ -293,7 +307,7 @@ def network_run(ctx: RunContext, upload_fraction: float) -> Iterator[NetworkDSSG
     logger.info("dssgd over the network: %s, %d devices", url, len(devices))
     try:
         _wait_for_devices(service, devices)
-        yield NetworkDSSGDRun(service, service.settings)
+        yield NetworkDSSGDRun(service, service.settings, devices)
     finally:
         service.finish()
         deadline = time.monotonic() + 10
@@ -337,13 +351,14 @@ def serve_dssgd(
     service = build_service(config, fraction, folder, enrolment_key)
     like = initial_state(config)
     log = _round_logger(config, folder, data_dir, like)
+    service.release(service.next_round - 1)  # no turn past the rounds released
     uv, thread, port = start_uvicorn(
         create_dssgd_app(service), host, port, **(ssl or {})
     )
     scheme = "http" if not ssl else "https"
     announce(f"serving dssgd on {scheme}://{host}:{port} (state in {folder})")
     try:
-        seen = len(service.wait_round(service.next_round - 1))
+        seen = service.applied_before(service.next_round)
         for rnd in range(service.next_round, config.dssgd.rounds + 1):
             start = time.perf_counter()
             service.release(rnd)

@@ -780,17 +780,33 @@ class DSSGDService:
             self._slot_since = time.time()
             self._lock.notify_all()
 
-    def wait_round(self, rnd: int, poll: float = 0.5) -> list[TurnRow]:
+    def wait_round(
+        self,
+        rnd: int,
+        poll: float = 0.5,
+        check: Callable[[], None] | None = None,
+    ) -> list[TurnRow]:
         """Wait until round ``rnd``'s turns are done (or the run stopped); return
-        every applied turn so far."""
+        every applied turn so far. ``check`` is called every ``poll`` seconds
+        while waiting (to raise when the devices are gone, say)."""
         target = min(rnd * self.num_clients, self.total_turns)
         with self._lock:
             while self._count.resolved < target and not self.finished:
                 if self.failed is not None:
                     raise ServiceError(f"the server stopped: {self.failed}", 503)
                 self._expire_overdue()
+                if check is not None:
+                    check()
                 self._lock.wait(poll)
             return list(self.stats)
+
+    def applied_before(self, rnd: int) -> int:
+        """How many of the applied turns belong to rounds before ``rnd``."""
+        done = (rnd - 1) * self.num_clients
+        with self._lock:
+            if not self.synchronous:
+                return min(len(self.stats), done)
+            return sum(1 for r in self.stats if r.slot is not None and r.slot < done)
 
     @property
     def next_round(self) -> int:
