@@ -207,6 +207,19 @@ def test_restart_restores_ledgers_and_devices_read_them_back(tmp_path: Path) -> 
     events = r.json()["events"]
     assert [e["source"] for e in events] == ["dssgd-selection", "dssgd-values"]
 
+    # A restarted device reads its clients' ledgers back before its next turn.
+    from tests.network.dssgd_harness import new_ledger
+    from veil.learning.dssgd import DSSGDClient
+    from veil.network.device import Identity
+    from veil.network.dssgd_device import restore_ledgers
+
+    states = {k: DSSGDClient(k, start(), new_ledger()) for k in range(NUM_CLIENTS)}
+    ids = [Identity(k, tokens[k]) for k in range(NUM_CLIENTS)]
+    restore_ledgers(second.device(), ids, states)
+    for k, record in enumerate(records):
+        assert states[k].ledger is not None and record.ledger is not None
+        assert states[k].ledger.events == record.ledger.events
+
 
 def test_silent_clients_are_skipped_and_late_uploads_refused(tmp_path: Path) -> None:
     from veil.network.dssgd import DSSGDServerSettings
