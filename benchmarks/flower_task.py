@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from bare_loop import local_sgd
 
 __all__ = ["run_flower"]
 
@@ -52,16 +52,11 @@ def _train(msg: Any, context: Any) -> Any:
     rnd = int(msg.content["config"]["server-round"])
     x, y, parts, model = _task(clients)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
     g = torch.Generator().manual_seed(rnd * 1_000_003 + k)
     cx, cy = x[parts[k]], y[parts[k]]
-    order = torch.randperm(len(cy), generator=g)
-    for s in range(0, len(cy), BATCH):
-        idx = order[s : s + BATCH]
-        loss = F.cross_entropy(model(cx[idx]), cy[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    local_sgd(
+        model, model.state_dict(), cx, cy, lr=LR, epochs=1, batch=BATCH, generator=g
+    )
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 VARIANTS = ("bare", "simulation", "ray", "flower")
 HERE = Path(__file__).resolve().parent
@@ -113,28 +112,16 @@ class PeakSampler(threading.Thread):
 
 
 def _bare_round(model, state, x, y, parts, chosen, rnd):  # type: ignore[no-untyped-def]
+    from bare_loop import local_sgd, snapshot, weighted_mean
+
     new_states, sizes = [], []
     for k in chosen:
-        model.load_state_dict(state)
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
         g = torch.Generator().manual_seed(rnd * 1_000_003 + int(k))
         cx, cy = x[parts[k]], y[parts[k]]
-        order = torch.randperm(len(cy), generator=g)
-        for s in range(0, len(cy), BATCH):
-            idx = order[s : s + BATCH]
-            loss = F.cross_entropy(model(cx[idx]), cy[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        new_states.append(
-            {n: v.detach().clone() for n, v in model.state_dict().items()}
-        )
+        local_sgd(model, state, cx, cy, lr=LR, epochs=1, batch=BATCH, generator=g)
+        new_states.append(snapshot(model))
         sizes.append(len(cy))
-    total = sum(sizes)
-    return {
-        n: sum(s[n] * (m / total) for s, m in zip(new_states, sizes, strict=True))
-        for n in state
-    }
+    return weighted_mean(new_states, sizes)
 
 
 def _mark() -> tuple[float, float]:

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from bare_loop import local_sgd, snapshot, weighted_mean
 
 from veil.data import iid, load_mnist
 from veil.learning import FedAvg, SGDTrainer
@@ -48,29 +48,21 @@ def bare_fedavg(model_name, init, x, y, parts, rounds, seed):  # type: ignore[no
         chosen = sorted(rng.choice(NUM_CLIENTS, m, replace=False))
         new_states, sizes = [], []
         for k in chosen:
-            model.load_state_dict(global_state)
-            opt = torch.optim.SGD(model.parameters(), lr=LR)
             g = torch.Generator().manual_seed(seed_for(seed, 3, rnd, int(k)))
             cx, cy = x[parts_t[k]], y[parts_t[k]]
-            for _ in range(EPOCHS):
-                order = torch.randperm(len(cy), generator=g)
-                for s in range(0, len(cy), BATCH):
-                    idx = order[s : s + BATCH]
-                    loss = F.cross_entropy(model(cx[idx]), cy[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-            new_states.append(
-                {k2: v.detach().clone() for k2, v in model.state_dict().items()}
+            local_sgd(
+                model,
+                global_state,
+                cx,
+                cy,
+                lr=LR,
+                epochs=EPOCHS,
+                batch=BATCH,
+                generator=g,
             )
+            new_states.append(snapshot(model))
             sizes.append(len(cy))
-        total = sum(sizes)
-        global_state = {
-            name: sum(
-                s[name] * (n / total) for s, n in zip(new_states, sizes, strict=True)
-            )
-            for name in global_state
-        }
+        global_state = weighted_mean(new_states, sizes)
     return global_state
 
 

@@ -161,6 +161,45 @@ def test_bound_truncates_uploaded_values() -> None:
     assert upload.vector.values.tolist() == [1.0, -1.0, 0.5, pytest.approx(-0.1)]
 
 
+def test_residual_uploads_everything_eventually_and_loses_nothing() -> None:
+    # Error feedback: what a turn does not upload (unselected or truncated by γ)
+    # is carried into the next turn, so uploads plus the residual always add up to
+    # every change the client made.
+    client = DSSGDClient(0, torch.zeros(50))
+    settings_ = DSSGDSettings(0.1, bound=0.5, residual=True)
+    g = torch.Generator().manual_seed(3)
+    made = torch.zeros(50)
+    sent = torch.zeros(50)
+    for _ in range(8):
+        delta = torch.randn(50, generator=g)
+        made += delta
+        upload = client.make_upload(delta, settings_, g, 0)
+        assert upload.vector.count == 5
+        assert upload.vector.values.abs().max() <= 0.5
+        sent[upload.vector.positions()] += upload.vector.values
+        assert client.residual is not None
+        torch.testing.assert_close(sent + client.residual, made)
+
+
+def test_residual_changes_nothing_when_everything_is_uploaded() -> None:
+    delta = torch.randn(30, generator=torch.Generator().manual_seed(4))
+    plain = DSSGDClient(0, torch.zeros(30)).make_upload(
+        delta, DSSGDSettings(1.0), torch.Generator(), 0
+    )
+    ef = DSSGDClient(0, torch.zeros(30))
+    upload = ef.make_upload(
+        delta, DSSGDSettings(1.0, residual=True), torch.Generator(), 0
+    )
+    assert torch.equal(upload.vector.values, plain.vector.values)
+    assert ef.residual is not None and not ef.residual.any()
+
+
+def test_residual_is_refused_with_dp() -> None:
+    dp = SelectiveDP(epsilon_per_parameter=1.0, bound=0.1, threshold=0.01)
+    with pytest.raises(ConfigError, match="residual must be false with dp"):
+        DSSGDSettings(0.1, selection="threshold", bound=0.1, dp=dp, residual=True)
+
+
 def test_settings_refuse_largest_with_dp() -> None:
     with pytest.raises(ConfigError, match="not differentially private"):
         DSSGDSettings(0.1, dp=SelectiveDP(1.0, 0.01))

@@ -118,6 +118,7 @@ def settings_from_config(cfg: DSSGDConfig, upload_fraction: float) -> DSSGDSetti
         cfg.threshold,
         cfg.bound,
         dp,
+        cfg.residual,
     )
 
 
@@ -372,6 +373,7 @@ def _run_one(
             upload_fraction=upload_fraction,
             download_fraction=d.download_fraction,
             order=d.order,
+            residual=d.residual,
             parameters=run.server.size,
             uploaded_per_turn=float(np.mean([t.uploaded for t in pending])),
             upload_bytes_per_turn=float(np.mean([t.bytes_up for t in pending])),
@@ -462,6 +464,13 @@ def dssgd_section(by_method: dict[str, list[dict[str, Any]]]) -> list[str]:
         "upload.",
         "",
     ]
+    if any(rows[-1].get("residual") for rows in runs.values()):
+        lines += [
+            "Residual (error feedback) was on: each client kept what it did not "
+            "upload and added it to its next turn's change before selecting. This is "
+            "not part of Shokri & Shmatikov's algorithm.",
+            "",
+        ]
     return lines + _privacy_lines(runs)
 
 

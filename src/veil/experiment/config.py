@@ -293,6 +293,9 @@ class DSSGDConfig(_Section):
     ``local.epochs`` epochs, or ``local_batches`` mini-batches when given.
     ``upload_fraction`` (θu) may be a list: one run per value, side by side in the
     report. ``threshold`` is τ, ``bound`` is γ (required with ``[dssgd.dp]``).
+    ``residual = true`` makes each client keep what it did not upload and add it to
+    its next turn's change (error feedback; not in the original algorithm; not with
+    ``[dssgd.dp]``).
     """
 
     rounds: PositiveInt = 10
@@ -308,10 +311,16 @@ class DSSGDConfig(_Section):
     workers: PositiveInt = 2
     local_batches: PositiveInt | None = None
     eval_every: PositiveInt = 1
+    residual: bool = False
     dp: DSSGDPrivacyConfig | None = None
 
     @model_validator(mode="after")
     def _dp_needs_threshold_and_bound(self) -> DSSGDConfig:
+        if self.dp is not None and self.residual:
+            raise ValueError(
+                "residual must be false with [dssgd.dp]: the privacy analysis of a "
+                "DP upload assumes it depends on the turn's own change only"
+            )
         if self.dp is not None and (
             self.selection != "threshold" or self.bound is None
         ):

@@ -471,6 +471,10 @@ class DSSGDSettings:
         bound: γ > 0 truncates uploaded values to ``[-γ, γ]``; ``None`` (default)
             leaves them as they are. Required with ``dp``.
         dp: differentially private uploads, or ``None`` (default).
+        residual: keep what a turn did not upload (the unselected changes and the
+            part truncated by γ) and add it to the next turn's change before
+            selecting (error feedback: Stich et al. 2018, Lin et al. 2018). Not in
+            Shokri & Shmatikov's algorithm; off by default, refused with ``dp``.
     """
 
     upload_fraction: float = 0.1
@@ -479,6 +483,7 @@ class DSSGDSettings:
     threshold: float = 0.0
     bound: float | None = None
     dp: SelectiveDP | None = None
+    residual: bool = False
 
     def __post_init__(self) -> None:
         for name in ("upload_fraction", "download_fraction"):
@@ -499,6 +504,11 @@ class DSSGDSettings:
             raise ConfigError(
                 "selection must be 'threshold' with dp: choosing the largest values "
                 "is not differentially private; got 'largest'"
+            )
+        if self.dp is not None and self.residual:
+            raise ConfigError(
+                "residual must be false with dp: the privacy analysis of a DP upload "
+                "assumes it depends on the turn's own change only"
             )
 
 
@@ -724,6 +734,8 @@ class DSSGDClient:
         uploads: turns that ended in an upload so far.
         pure_epsilon: the sum of the pure epsilons of the client's DP uploads
             (basic composition: an (ε, 0) guarantee for all of them together).
+        residual: with ``settings.residual``, the changes not uploaded so far (flat
+            float32, like ``parameters``); ``None`` before the first such turn.
     """
 
     client_id: int
@@ -731,6 +743,7 @@ class DSSGDClient:
     ledger: PrivacyLedger | None = None
     uploads: int = 0
     pure_epsilon: float = 0.0
+    residual: torch.Tensor | None = None
 
     def receive(self, download: Download) -> None:
         """Write the downloaded values into the local parameters."""
@@ -781,6 +794,8 @@ class DSSGDClient:
             return self._dp_upload(
                 delta, settings.dp, capacity, generator, base_version
             )
+        if settings.residual and self.residual is not None:
+            delta = delta + self.residual
         if settings.selection == "largest":
             idx = select_largest(delta, capacity)
         else:
@@ -788,6 +803,10 @@ class DSSGDClient:
         values = delta[idx]
         if settings.bound is not None:
             values = values.clamp(-settings.bound, settings.bound)
+        if settings.residual:
+            left = delta.clone()
+            left[idx] -= values
+            self.residual = left
         self.uploads += 1
         return Upload(self.client_id, _sparse(delta.numel(), idx, values), base_version)
 
