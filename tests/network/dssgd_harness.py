@@ -37,7 +37,12 @@ def trainer() -> SGDTrainer:
     return SGDTrainer(0.1, 2, 10, 2)  # two mini-batches per turn
 
 
-def settings(dp: bool = False, upload: float = 0.05, download: float = 1.0) -> Any:
+def settings(
+    dp: bool = False,
+    upload: float = 0.05,
+    download: float = 1.0,
+    residual: bool = False,
+) -> Any:
     if dp:
         return DSSGDSettings(
             upload,
@@ -47,7 +52,7 @@ def settings(dp: bool = False, upload: float = 0.05, download: float = 1.0) -> A
             0.01,
             SelectiveDP(5.0, 0.01, 1e-4),
         )
-    return DSSGDSettings(upload, download)
+    return DSSGDSettings(upload, download, residual=residual)
 
 
 def new_ledger() -> PrivacyLedger:

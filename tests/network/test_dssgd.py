@@ -48,12 +48,17 @@ def one_torch_thread() -> Iterator[None]:
         ("random", "plain"),
         ("round_robin", "partial-download"),
         ("random", "dp"),
+        ("random", "residual"),
     ],
 )
 def test_synchronous_orders_over_http_equal_simulation(
     tmp_path: Path, order: str, kind: str
 ) -> None:
-    s = settings(dp=kind == "dp", download=0.3 if kind == "partial-download" else 1.0)
+    s = settings(
+        dp=kind == "dp",
+        download=0.3 if kind == "partial-download" else 1.0,
+        residual=kind == "residual",
+    )
     reference, expected = simulate(order, ROUNDS, s)
 
     h = NetHarness(tmp_path, order, ROUNDS, s)
@@ -224,7 +229,7 @@ def test_restart_restores_ledgers_and_devices_read_them_back(tmp_path: Path) -> 
 def test_silent_clients_are_skipped_and_late_uploads_refused(tmp_path: Path) -> None:
     from veil.network.dssgd import DSSGDServerSettings
 
-    network = DSSGDServerSettings(turn_timeout=0.5)
+    network = DSSGDServerSettings(turn_timeout=2.0)
     h = NetHarness(tmp_path, "round_robin", 1, settings(), network)
     tokens = {k: h.enrol(k) for k in range(NUM_CLIENTS)}
     body = _upload_body(h, [1, 2], [0.1, 0.2])
