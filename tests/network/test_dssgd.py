@@ -315,3 +315,44 @@ def test_config_and_status_describe_the_run(tmp_path: Path) -> None:
     status = h.http.get("/v1/status").json()
     assert status["order"] == "random" and status["turns_total"] == 2 * NUM_CLIENTS
     assert status["current"]["slot"] == 0 and status["version"] == 0
+
+
+def test_a_turn_can_be_given_back(tmp_path: Path) -> None:
+    h = NetHarness(tmp_path, "round_robin", 1, settings())
+    tokens = {k: h.enrol(k) for k in range(NUM_CLIENTS)}
+    g0 = h.http.post("/v1/dssgd/turn", headers=_auth(tokens[0])).json()
+    other = h.http.post(
+        f"/v1/dssgd/turns/{g0['turn']}/abandon", headers=_auth(tokens[1])
+    )
+    assert other.status_code == 403
+    r = h.http.post(f"/v1/dssgd/turns/{g0['turn']}/abandon", headers=_auth(tokens[0]))
+    assert r.status_code == 200
+    again = h.http.post(
+        f"/v1/dssgd/turns/{g0['turn']}/abandon", headers=_auth(tokens[0])
+    )
+    assert again.status_code == 409
+    status = h.service.status()
+    assert (status["turns_expired"], status["version"]) == (1, 0)
+    assert status["current"]["client_id"] == 1  # the slot was skipped
+
+
+def test_a_device_whose_uploads_are_refused_gives_turns_back(tmp_path: Path) -> None:
+    """Client 0's training diverges (its data holds NaN, so its loss is NaN and its
+    upload refused): its device gives each turn back, so the others go on, and stops
+    acting for client 0 after 3 refusals in a row."""
+    h = NetHarness(tmp_path, "round_robin", 3, settings())
+    tokens = {k: h.enrol(k) for k in range(NUM_CLIENTS)}
+    clean = h.client_data
+
+    def data(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = clean(k)
+        return (torch.full_like(x, float("nan")), y) if k == 0 else (x, y)
+
+    h.client_data = data  # type: ignore[method-assign]
+    traffic = h.run_devices([[0], [1, 2, 3]], tokens, 3)
+    zero = next(t for t in traffic if not t.per_client)
+    assert (zero.refused, zero.turns) == (3, 0)
+    status = h.service.status()
+    assert (status["turns_applied"], status["turns_expired"]) == (9, 3)
+    rows = h.service.turn_store.turns()
+    assert [r.status for r in rows if r.client_id == 0] == ["expired"] * 3

@@ -590,6 +590,25 @@ class DSSGDService:
             self._expire_overdue()
             self._target(client_id, turn)
 
+    def abandon(self, client_id: int, turn: int) -> None:
+        """End ``client_id``'s turn ``turn`` without an upload (a device that
+        cannot finish it, say after its upload was refused): stored as expired; in
+        a synchronous order its slot is skipped, in ``async`` it is free again.
+        Nothing else changes."""
+        with self._lock:
+            grant = self._target(client_id, turn)
+            try:
+                self.turn_store.expire(grant.row.turn)
+            except Exception as exc:
+                self._fail(exc)
+            del self._grants[client_id]
+            self._count.expired += 1
+            if self.synchronous:
+                self._count.resolved += 1
+            self._slot_since = time.time()
+            self._lock.notify_all()
+        logger.warning("turn %d abandoned by client %d", turn, client_id)
+
     # --- uploads -----------------------------------------------------------------
     def max_body_bytes(self) -> int:
         """The largest upload accepted, in bytes."""

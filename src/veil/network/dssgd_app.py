@@ -12,6 +12,8 @@ Shared with the federated server's app (:mod:`veil.network.app`): ``POST
 - ``POST /v1/dssgd/turns/{turn}/upload`` with ``X-Veil-Result: {"loss",
   "over_budget", "metrics"}`` and the sparse upload as body -> 201 ``{"turn",
   "version", "staleness"}`` once applied and committed;
+- ``POST /v1/dssgd/turns/{turn}/abandon`` -> the turn ends without an upload (as
+  expired: a synchronous order skips it, ``async`` frees its place);
 - ``GET /v1/dssgd/ledger`` -> the privacy events recorded for this client.
 
 Every refusal is JSON ``{"error": message}`` with a 4xx status, sent before any
@@ -240,6 +242,13 @@ def create_dssgd_app(service: DSSGDService) -> FastAPI:
             service.accept, client_id, turn, payload, result
         )
         return TurnApplied(**outcome.__dict__)
+
+    @app.post("/v1/dssgd/turns/{turn}/abandon", responses=_ERRORS)
+    def abandon(turn: int, credentials: Bearer) -> dict[str, Any]:
+        """Give a turn back without an upload (it ends as expired)."""
+        client_id = service.authenticate(_token(credentials))
+        service.abandon(client_id, turn)
+        return {"turn": turn, "abandoned": True}
 
     @app.get("/v1/dssgd/ledger", responses=_ERRORS)
     def ledger(credentials: Bearer) -> dict[str, Any]:

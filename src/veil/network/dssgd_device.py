@@ -8,7 +8,10 @@ download left it (:func:`~veil.network.dssgd.turn_generator`), runs
 :func:`veil.experiment._dssgd.client_turn` (the function the simulation and Ray run)
 and uploads the encoded change with ``X-Veil-Result``. With nothing to do it waits
 at the server (one long-polling thread per client, turns taken one at a time); it
-stops when the server answers 410 (run over) or every identity was revoked.
+stops when the server answers 410 (run over) or every identity was revoked. An
+upload the server refuses (a training that diverged to NaN, say) gives the turn back
+(``POST .../abandon``) so that the run goes on; after :data:`MAX_REFUSED` refusals
+in a row the device stops acting for that client.
 Transport errors and 5xx are retried by :class:`~veil.network.device.DeviceClient`,
 so a device rides out a server restart.
 
@@ -37,11 +40,13 @@ from veil.network.device import Backoff, DeviceClient, Identity, _bearer, _raise
 from veil.network.dssgd import MAX_WAIT, turn_generator
 from veil.privacy import PrivacyEvent
 
-__all__ = ["DeviceTraffic", "restore_ledgers", "run_dssgd_device"]
+__all__ = ["MAX_REFUSED", "DeviceTraffic", "restore_ledgers", "run_dssgd_device"]
 
 logger = logging.getLogger(__name__)
 
 ClientData = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+#: A device stops acting for a client after this many refused uploads in a row.
+MAX_REFUSED = 3
 
 
 @dataclass
@@ -111,6 +116,7 @@ class _Device:
         identity is refused."""
         headers = _bearer(ident.token)
         wait = {"wait": f"{MAX_WAIT:g}"}
+        failures = 0
         while not self.over.is_set():
             r = self.client.request(
                 "POST", "/v1/dssgd/turn", headers=headers, params=wait
@@ -123,14 +129,25 @@ class _Device:
                 return
             if r.status_code == 200:
                 with self.training:
-                    self.take_turn(ident, r.json())
+                    refused = self.take_turn(ident, r.json())
+                failures = failures + 1 if refused else 0
+                if failures >= MAX_REFUSED:
+                    logger.error(
+                        "client %d: %d uploads in a row refused; this device stops "
+                        "acting for it",
+                        ident.client_id,
+                        failures,
+                    )
+                    return
                 poll.reset()
             elif r.status_code == 204:
                 poll.wait()  # the server already waited; this only paces retries
             else:
                 _raise_for(r)
 
-    def take_turn(self, ident: Identity, grant: dict[str, Any]) -> None:
+    def take_turn(self, ident: Identity, grant: dict[str, Any]) -> bool:
+        """Download, train, upload; ``True`` if the server refused the upload (the
+        turn is then given back, so that the run goes on without it)."""
         from veil.experiment._dssgd import client_turn
 
         k, turn = ident.client_id, int(grant["turn"])
@@ -140,7 +157,7 @@ class _Device:
         )
         if r.status_code != 200:  # the turn expired meanwhile
             logger.info("client %d: no download for turn %d (%s)", k, turn, r.text)
-            return
+            return False
         payload = r.content
         generator = turn_generator(
             int(grant["seed"]), self.settings.download_fraction, int(grant["size"])
@@ -171,15 +188,20 @@ class _Device:
             t.bytes_down += len(payload)
             t.per_client[k] = t.per_client.get(k, 0) + 1
             logger.info("client %d: turn %d applied (%s)", k, turn, r.text)
-        else:
-            self.traffic.refused += 1
-            logger.warning(
-                "client %d: turn %d upload refused (%d %s)",
-                k,
-                turn,
-                r.status_code,
-                r.text[:300],
+            return False
+        self.traffic.refused += 1
+        logger.warning(
+            "client %d: turn %d upload refused (%d %s)",
+            k,
+            turn,
+            r.status_code,
+            r.text[:300],
+        )
+        if r.status_code != 409:  # still this client's turn: give it back
+            self.client.request(
+                "POST", f"/v1/dssgd/turns/{turn}/abandon", headers=headers
             )
+        return True
 
 
 def run_dssgd_device(
