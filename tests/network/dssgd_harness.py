@@ -158,6 +158,7 @@ class NetHarness:
                         trainer(),
                         self.settings,
                         ids,
+                        asynchronous=self.service.order == "async",
                     )
                 )
             except BaseException as exc:  # reported below

@@ -83,7 +83,7 @@ def test_async_over_http_loses_no_upload(tmp_path: Path) -> None:
     s = settings(upload=0.1)
     h = NetHarness(tmp_path, "async", ROUNDS, s)
     tokens = {k: h.enrol(k) for k in range(NUM_CLIENTS)}
-    traffic = h.run_devices([[0], [1], [2], [3]], tokens, ROUNDS)
+    traffic = h.run_devices([[0, 1], [2], [3]], tokens, ROUNDS)
 
     rows = h.service.stats
     sent = sum(t.turns for t in traffic)

@@ -144,6 +144,7 @@ class DeviceSide:
     model: nn.Module
     data: ClientData
     new_client: Callable[[int], DSSGDClient]
+    order: str
 
 
 def device_side(served: dict[str, Any], data_dir: str | Path | None) -> DeviceSide:
@@ -169,6 +170,7 @@ def device_side(served: dict[str, Any], data_dir: str | Path | None) -> DeviceSi
         build_model(config.model.name),
         data,
         new_client,
+        d.order,
     )
 
 
@@ -439,4 +441,5 @@ def join_dssgd(
         side.trainer,
         side.settings,
         identities,
+        asynchronous=side.order == "async",
     )

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import torch
 from torch import nn
 
@@ -98,8 +99,10 @@ class _Device:
         trainer: SGDTrainer,
         settings: DSSGDSettings,
         identities: list[Identity],
+        asynchronous: bool = False,
     ) -> None:
         self.client = client
+        self.asynchronous = asynchronous
         self.states = states
         self.model = model
         self.data = data
@@ -111,39 +114,52 @@ class _Device:
         self.over = threading.Event()
 
     def serve(self, ident: Identity, poll: Backoff) -> None:
-        """Ask for ``ident``'s turns (waiting at the server for each) and take
-        them, one client's training at a time, until the run is over or the
-        identity is refused."""
+        """Ask for ``ident``'s turns and take them, one client's training at a
+        time, until the run is over or the identity is refused."""
         headers = _bearer(ident.token)
-        wait = {"wait": f"{MAX_WAIT:g}"}
         failures = 0
         while not self.over.is_set():
-            r = self.client.request(
-                "POST", "/v1/dssgd/turn", headers=headers, params=wait
-            )
+            refused = None
+            if self.asynchronous:
+                # Ask only when this device can train at once: the async order
+                # grants a turn at once, and a download left waiting while the
+                # device's other clients train would only grow stale.
+                with self.training:
+                    r = self.ask(headers, 0.0)
+                    if r.status_code == 200:
+                        refused = self.take_turn(ident, r.json())
+            else:
+                r = self.ask(headers, MAX_WAIT)  # the server waits for the turn
+                if r.status_code == 200:
+                    with self.training:
+                        refused = self.take_turn(ident, r.json())
             if r.status_code == 410:
                 self.over.set()
                 return
             if r.status_code in (401, 403):
                 logger.warning("client %d dropped: %s", ident.client_id, r.text)
                 return
-            if r.status_code == 200:
-                with self.training:
-                    refused = self.take_turn(ident, r.json())
-                failures = failures + 1 if refused else 0
-                if failures >= MAX_REFUSED:
-                    logger.error(
-                        "client %d: %d uploads in a row refused; this device stops "
-                        "acting for it",
-                        ident.client_id,
-                        failures,
-                    )
-                    return
-                poll.reset()
-            elif r.status_code == 204:
-                poll.wait()  # the server already waited; this only paces retries
-            else:
+            if r.status_code == 204:
+                poll.wait()
+                continue
+            if r.status_code != 200:
                 _raise_for(r)
+            failures = failures + 1 if refused else 0
+            if failures >= MAX_REFUSED:
+                logger.error(
+                    "client %d: %d uploads in a row refused; this device stops "
+                    "acting for it",
+                    ident.client_id,
+                    failures,
+                )
+                return
+            poll.reset()
+
+    def ask(self, headers: dict[str, str], wait: float) -> httpx.Response:
+        """``POST /v1/dssgd/turn``, waiting up to ``wait`` seconds at the server."""
+        return self.client.request(
+            "POST", "/v1/dssgd/turn", headers=headers, params={"wait": f"{wait:g}"}
+        )
 
     def take_turn(self, ident: Identity, grant: dict[str, Any]) -> bool:
         """Download, train, upload; ``True`` if the server refused the upload (the
@@ -213,6 +229,7 @@ def run_dssgd_device(
     settings: DSSGDSettings,
     identities: list[Identity],
     poll: Backoff | None = None,
+    asynchronous: bool = False,
 ) -> DeviceTraffic:
     """Take turns for ``identities`` until the run is over; return the traffic.
 
@@ -226,12 +243,18 @@ def run_dssgd_device(
         identities: the client ids this device acts for, with their tokens.
         poll: how long to wait between asking again after a 204 (the server
             already waited up to 10 s for a turn); default 0.01 to 0.2 s.
+        asynchronous: the run's order is ``async``: ask for a turn only when this
+            device is free to train (the server grants async turns at once, so a
+            turn asked for while another client of this device trains would start
+            from a staler download).
     """
     missing = [i.client_id for i in identities if i.client_id not in states]
     if missing:
         raise ServiceError(f"no client state for clients {missing}", 0)
     restore_ledgers(client, identities, states)
-    device = _Device(client, states, model, data, trainer, settings, identities)
+    device = _Device(
+        client, states, model, data, trainer, settings, identities, asynchronous
+    )
     errors: list[BaseException] = []
 
     def serve(ident: Identity) -> None:
