@@ -356,3 +356,23 @@ def test_a_device_whose_uploads_are_refused_gives_turns_back(tmp_path: Path) -> 
     assert (status["turns_applied"], status["turns_expired"]) == (9, 3)
     rows = h.service.turn_store.turns()
     assert [r.status for r in rows if r.client_id == 0] == ["expired"] * 3
+
+
+def test_server_state_round_trips_and_wrong_shapes_are_refused() -> None:
+    from veil.errors import UpdateError
+    from veil.learning.dssgd import ServerState, SparseVector, Upload
+
+    server = ParameterServer(torch.arange(10, dtype=torch.float32), 2)
+    server.download(1, 0.5, torch.Generator().manual_seed(0))
+    vector = SparseVector(10, torch.tensor([2, 7]), torch.tensor([1.0, -1.0]))
+    server.apply(Upload(0, vector, 0))
+    copy = ParameterServer(torch.zeros(10), 2)
+    copy.restore(server.snapshot())
+    assert torch.equal(copy.parameters(), server.parameters())
+    assert torch.equal(copy.counts(), server.counts())
+    seen = copy.seen(1)
+    assert seen is not None and copy.seen(0) is None and copy.version == 1
+    with pytest.raises(UpdateError, match="10 values per tensor"):
+        copy.restore(ServerState(torch.zeros(9), torch.zeros(10), {}, 0))
+    with pytest.raises(UpdateError, match="client_id"):
+        copy.restore(ServerState(torch.zeros(10), torch.zeros(10), {5: seen}, 0))
