@@ -178,6 +178,35 @@ class NetHarness:
         return traffic
 
 
+def take_turns_in_order(h: NetHarness, tokens: dict[int, str], rounds: int) -> int:
+    """A synchronous order's turns taken one by one in this thread, through the
+    HTTP app and the device's own turn code: ask for the current client's turn,
+    then download, train and upload as a device does. Returns the turns applied."""
+    from veil.network.dssgd_device import _Device
+
+    led = new_ledger if h.settings.dp is not None else (lambda: None)
+    states = {k: DSSGDClient(k, start().clone(), led()) for k in tokens}
+    ids = {k: Identity(k, t) for k, t in tokens.items()}
+    device = _Device(
+        h.device(), states, tiny_net(), h.client_data, trainer(), h.settings, []
+    )
+    for rnd in range(1, rounds + 1):
+        h.service.release(rnd)
+        while (current := h.service.status()["current"]) is not None:
+            if current["round"] > rnd:
+                break
+            k = current["client_id"]
+            r = h.http.post("/v1/dssgd/turn", headers=_auth(tokens[k]))
+            assert r.status_code == 200, r.text
+            assert not device.take_turn(ids[k], r.json())
+    h.service.finish()
+    return device.traffic.turns
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def same_stats(a: list[TurnStats], b: list[TurnStats]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):

@@ -20,6 +20,7 @@ from tests.network.dssgd_harness import (
     settings,
     simulate,
     start,
+    take_turns_in_order,
 )
 from veil.experiment._network_dssgd import turn_stats
 from veil.learning.dssgd import ParameterServer, download_tie_break, upload_count
@@ -63,12 +64,12 @@ def test_synchronous_orders_over_http_equal_simulation(
 
     h = NetHarness(tmp_path, order, ROUNDS, s)
     tokens = {k: h.enrol(k) for k in range(NUM_CLIENTS)}
-    traffic = h.run_devices([[0, 3], [1], [2]], tokens, ROUNDS)
+    sent = take_turns_in_order(h, tokens, ROUNDS)
 
     assert torch.equal(h.service.server.parameters(), reference.server.parameters())
     assert torch.equal(h.service.server.counts(), reference.server.counts())
     same_stats([turn_stats(r) for r in h.service.stats], expected)
-    assert sum(t.turns for t in traffic) == ROUNDS * NUM_CLIENTS
+    assert sent == ROUNDS * NUM_CLIENTS
     if kind == "dp":
         sim = reference.client_states()
         net = h.service.client_records()
@@ -182,8 +183,7 @@ def test_restart_resumes_a_turn_in_flight_and_ends_as_the_simulation(
         f"/v1/dssgd/turns/{grant['turn']}/download", headers=_auth(tokens[k])
     ).content
     assert again == before
-    traffic = second.run_devices([[0, 1, 2, 3]], tokens, 2)
-    assert sum(t.turns for t in traffic) == 2 * NUM_CLIENTS
+    assert take_turns_in_order(second, tokens, 2) == 2 * NUM_CLIENTS
     assert torch.equal(
         second.service.server.parameters(), reference.server.parameters()
     )
