@@ -76,6 +76,7 @@ __all__ = [
     "TurnOutcome",
     "TurnResult",
     "max_upload_bytes",
+    "turn_generator",
 ]
 
 logger = logging.getLogger(__name__)
