@@ -3,8 +3,8 @@
 Thin wrappers over :mod:`veil.experiment._network` and :mod:`veil.network.certs`:
 
 - ``veil serve CONFIG --state DIR``: the federated server for the config's FedAvg
-  or DP-FedAvg, over HTTPS with ``--cert``/``--key``; restarted on the same DIR it
-  resumes;
+  or DP-FedAvg, or DSSGD's parameter server, over HTTPS with ``--cert``/``--key``;
+  restarted on the same DIR it resumes;
 - ``veil join --server URL --clients 0-9``: a device process acting for those
   clients (their data read from the local dataset, as the config splits it);
 - ``veil certs --out DIR``: a self-signed certificate and key for trials.
@@ -45,6 +45,15 @@ def parse_clients(text: str) -> list[int]:
     return sorted(set(ids))
 
 
+def _default_method(methods: list[str]) -> str:
+    """The method ``veil serve`` runs without ``--method``: dp-fedavg, fedavg or
+    dssgd, the first of them the config lists (fedavg if none)."""
+    for method in ("dp-fedavg", "fedavg", "dssgd"):
+        if method in methods:
+            return method
+    return "fedavg"
+
+
 def _read_key(path: Path | None) -> str | None:
     return None if path is None else path.read_text().strip()
 
@@ -69,7 +78,9 @@ def serve(
     ] = Path("server-state"),
     method: Annotated[
         str | None,
-        typer.Option("--method", help="fedavg or dp-fedavg (default: from config)."),
+        typer.Option(
+            "--method", help="fedavg, dp-fedavg or dssgd (default: from config)."
+        ),
     ] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8443,
@@ -83,7 +94,7 @@ def serve(
     ] = 10.0,
     data_dir: DataDir = None,
 ) -> None:
-    """Serve CONFIG's FedAvg or DP-FedAvg rounds to devices (`veil join`).
+    """Serve CONFIG's FedAvg, DP-FedAvg or DSSGD to devices (`veil join`).
 
     Restarted on the same --state, the server resumes where it was."""
     from veil.experiment import load_config
@@ -92,7 +103,7 @@ def serve(
     try:
         cfg = load_config(config)
         if method is None:
-            method = "dp-fedavg" if "dp-fedavg" in cfg.methods else "fedavg"
+            method = _default_method(cfg.methods)
         run_server(
             cfg,
             method,

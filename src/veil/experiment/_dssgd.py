@@ -6,7 +6,9 @@ every round in the configured participant order, and logs one ``metrics.jsonl``
 record per evaluation. The server side of a turn runs here; the client side
 (:func:`client_turn`: decode the download, train, encode the upload) runs where the
 runtime puts it: in this process (``runtime = "simulation"``) or as a Ray task
-(``runtime = "ray"``), with the same result for the same seed. Every message really
+(``runtime = "ray"``), with the same result for the same seed; on
+``runtime = "network"`` the server side runs behind HTTP endpoints and the client
+side in device processes (:mod:`veil.experiment._network_dssgd`). Every message really
 is encoded and decoded (:func:`~veil.learning.dssgd.encode_sparse`), so
 ``bytes_up`` and ``bytes_down`` are the exact sizes of what a network runtime would
 send.
@@ -15,7 +17,8 @@ Orders: ``round_robin`` and ``random`` run the turns one after another;
 ``async`` runs a round's turns concurrently on ``dssgd.workers`` threads (each with
 its own scratch model), the server applying each upload atomically and recording its
 staleness. Rounds only mark when the model is evaluated. The asynchronous order is
-not reproducible and runs on the simulation runtime only (:func:`check_runtime`).
+not reproducible and runs on the simulation and network runtimes only
+(:func:`check_runtime`).
 
 With ``dssgd.upload_fraction`` a list, the method runs once per value, logged as
 ``dssgd-u<θu>``; each run's model is saved under that name. Under ``[dssgd.dp]``
@@ -39,7 +42,7 @@ from torch import nn
 from veil.errors import ConfigError
 from veil.experiment._dp import write_ledger
 from veil.experiment._runtime import open_runtime
-from veil.experiment.config import DSSGDConfig
+from veil.experiment.config import DSSGDConfig, ExperimentConfig
 from veil.experiment.rundir import save_model
 from veil.learning import SGDTrainer, StateDict, encoded_size, evaluate
 from veil.learning.dssgd import (
@@ -62,6 +65,7 @@ from veil.privacy import PrivacyBudget, PrivacyLedger
 from veil.runtime import RayRuntime, SimulationRuntime, TurnRuntime
 
 if TYPE_CHECKING:
+    from veil.experiment._network_dssgd import NetworkDSSGDRun
     from veil.experiment.runner import RunContext
 
 __all__ = [
@@ -69,12 +73,14 @@ __all__ = [
     "TurnReply",
     "TurnStats",
     "check_runtime",
+    "client_ledger",
     "client_turn",
     "dssgd_method_names",
     "dssgd_section",
     "run_dssgd",
     "run_turn",
     "settings_from_config",
+    "turn_trainer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -282,12 +288,24 @@ def _new_run(
         DSSGDClient(k, start.clone(), _client_ledger(d))
         for k in range(len(ctx.client_indices))
     ]
-    local = cfg.local
-    epochs = local.epochs if d.local_batches is None else d.local_batches
-    trainer = SGDTrainer(local.lr, epochs, local.batch_size, d.local_batches)
+    trainer = turn_trainer(cfg)
     return DSSGDRun(
         server, clients, runtime, trainer, settings, d.order, d.workers, cfg.seed
     )
+
+
+def turn_trainer(cfg: ExperimentConfig) -> SGDTrainer:
+    """A turn's local training: ``local.epochs`` epochs, or ``dssgd.local_batches``
+    mini-batches when set."""
+    local, d = cfg.local, cfg.dssgd
+    epochs = local.epochs if d.local_batches is None else d.local_batches
+    return SGDTrainer(local.lr, epochs, local.batch_size, d.local_batches)
+
+
+def client_ledger(d: DSSGDConfig) -> PrivacyLedger | None:
+    """A client's privacy ledger under ``[dssgd.dp]`` (with its budget), else
+    ``None``."""
+    return _client_ledger(d)
 
 
 def _client_ledger(d: DSSGDConfig) -> PrivacyLedger | None:
@@ -299,7 +317,7 @@ def _client_ledger(d: DSSGDConfig) -> PrivacyLedger | None:
     return PrivacyLedger(d.dp.accountant, "add_or_remove_one", budget)
 
 
-def _privacy_metrics(run: DSSGDRun, d: DSSGDConfig) -> dict[str, Any]:
+def _privacy_metrics(run: Any, d: DSSGDConfig) -> dict[str, Any]:
     if d.dp is None:
         return {}
     assert run.settings.dp is not None
@@ -319,14 +337,13 @@ def _privacy_metrics(run: DSSGDRun, d: DSSGDConfig) -> dict[str, Any]:
 
 def _run_one(
     ctx: RunContext,
-    runtime: TurnRuntime,
+    run: DSSGDRun | NetworkDSSGDRun,
     name: str,
     upload_fraction: float,
     done: int,
 ) -> StateDict:
     cfg = ctx.config
     d = cfg.dssgd
-    run = _new_run(ctx, upload_fraction, runtime)
     model = ctx.new_model()
     test = ctx.dataset.test
     dense_bytes = encoded_size(ctx.initial_state)
@@ -387,16 +404,21 @@ def run_dssgd(ctx: RunContext) -> StateDict:
     names = dssgd_method_names(cfg.dssgd)
     state: StateDict = {}
     if cfg.runtime == "network":
-        raise ConfigError(
-            "dssgd does not run on runtime = 'network' yet (its parameter server "
-            "has no endpoints); use runtime = 'simulation' or 'ray'"
-        )
+        from veil.experiment._network_dssgd import network_run
+
+        for i, (name, fraction) in enumerate(names):
+            with network_run(ctx, fraction) as net:
+                state = _run_one(ctx, net, name, fraction, i * cfg.dssgd.rounds)
+            if len(names) > 1 and ctx.run_dir is not None:
+                save_model(ctx.run_dir, name, state)
+        return state
     with open_runtime(cfg, ctx.dataset.train, ctx.client_indices) as runtime:
         if not isinstance(runtime, SimulationRuntime | RayRuntime):
-            raise ConfigError("dssgd needs runtime = 'simulation' or 'ray'")
+            raise ConfigError("dssgd needs runtime = 'simulation', 'ray' or 'network'")
         check_runtime(cfg.dssgd.order, runtime)
         for i, (name, fraction) in enumerate(names):
-            state = _run_one(ctx, runtime, name, fraction, i * cfg.dssgd.rounds)
+            run = _new_run(ctx, fraction, runtime)
+            state = _run_one(ctx, run, name, fraction, i * cfg.dssgd.rounds)
             if len(names) > 1 and ctx.run_dir is not None:
                 save_model(ctx.run_dir, name, state)
     return state

@@ -397,6 +397,23 @@ def serve(
 
     if (certfile is None) != (keyfile is None):
         raise ConfigError("give both --cert and --key for TLS, or neither")
+    if method == "dssgd":
+        from veil.experiment._network_dssgd import serve_dssgd
+
+        tls = {} if certfile is None else {"ssl_certfile": str(certfile)}
+        if keyfile is not None:
+            tls["ssl_keyfile"] = str(keyfile)
+        return serve_dssgd(
+            config,
+            state_dir,
+            host=host,
+            port=port,
+            ssl=tls,
+            enrolment_key=enrolment_key,
+            linger=linger,
+            data_dir=data_dir,
+            announce=announce,
+        )
     algorithm, served, delta = server_side(config, method, data_dir)
     folder = Path(state_dir)
     store = StateStore(folder)
@@ -445,7 +462,8 @@ def join(
     client = DeviceClient(server, ca_file, max_unreachable)
     try:
         method, served = client.config()
-        algorithm, model, data = client_side(method, served, data_dir)
+        if method != "dssgd":
+            algorithm, model, data = client_side(method, served, data_dir)
         known: dict[str, str] = {}
         path = None if token_file is None else Path(token_file)
         if path is not None and path.exists():
@@ -459,6 +477,10 @@ def join(
                     with os.fdopen(fd, "w") as f:
                         json.dump(known, f)
             identities.append(Identity(k, known[str(k)]))
+        if method == "dssgd":
+            from veil.experiment._network_dssgd import join_dssgd
+
+            return join_dssgd(client, served, identities, data_dir).turns
         if is_secure(algorithm):
             from veil.network.secagg_device import run_secure_device
 

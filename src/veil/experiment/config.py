@@ -435,12 +435,12 @@ class ExperimentConfig(_Section):
         if (
             "dssgd" in self.methods
             and self.dssgd.order == "async"
-            and self.runtime != "simulation"
+            and self.runtime == "ray"
         ):
             raise ValueError(
-                "dssgd.order 'async' runs only with runtime = 'simulation' (its "
-                "turns interleave differently in every run, so no other runtime "
-                "could reproduce it); choose order = 'round_robin' or 'random'"
+                "dssgd.order 'async' runs only with runtime = 'simulation' or "
+                "'network' (its turns interleave differently in every run, so Ray "
+                "could not reproduce it); choose order = 'round_robin' or 'random'"
             )
         return self
 

@@ -65,10 +65,12 @@ __all__ = [
     "ParameterServer",
     "SecureLaplace",
     "SelectiveDP",
+    "ServerState",
     "SparseVector",
     "Upload",
     "decode_sparse",
     "dominating_laplace_epsilon",
+    "download_tie_break",
     "encode_sparse",
     "flatten",
     "select_above_threshold",
@@ -549,6 +551,36 @@ class Upload:
 # --------------------------------------------------------------------------------
 
 
+def download_tie_break(
+    generator: torch.Generator, count: int, size: int
+) -> torch.Tensor | None:
+    """The random tie-break of a download of ``count`` of ``size`` parameters:
+    ``size`` uniform float64 values drawn from ``generator``, or nothing (and no
+    draw) when every parameter is sent. A client that must continue the turn's
+    generator where the server's download left it calls this with the same
+    arguments."""
+    if count >= size:
+        return None
+    return torch.rand(size, generator=generator, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything a :class:`ParameterServer` holds, as plain tensors.
+
+    Attributes:
+        parameters: the global parameters, float32, shape ``(P,)``.
+        counts: per-parameter update counts, int64, shape ``(P,)``.
+        seen: by client id, the counts as of that client's downloads (θd < 1).
+        version: uploads applied so far.
+    """
+
+    parameters: torch.Tensor
+    counts: torch.Tensor
+    seen: dict[int, torch.Tensor]
+    version: int
+
+
 class ParameterServer:
     """The global parameters and how often each has been updated.
 
@@ -599,9 +631,7 @@ class ParameterServer:
         self._check_client(client_id)
         count = upload_count(fraction, self.size)
         # Drawn before taking the lock: the tie-break needs no shared state.
-        jitter = None
-        if count < self.size:
-            jitter = torch.rand(self.size, generator=generator, dtype=torch.float64)
+        jitter = download_tie_break(generator, count, self.size)
         with self._lock:
             if jitter is None:
                 vector = SparseVector(self.size, None, self._params.clone())
@@ -644,6 +674,41 @@ class ParameterServer:
             staleness = self._version - upload.base_version
             self._version += 1
         return staleness
+
+    def snapshot(self) -> ServerState:
+        """The whole state, copied, for a durable checkpoint."""
+        with self._lock:
+            seen = {k: v.clone() for k, v in self._seen.items()}
+            return ServerState(
+                self._params.clone(), self._counts.clone(), seen, self._version
+            )
+
+    def seen(self, client_id: int) -> torch.Tensor | None:
+        """A copy of the update counts at ``client_id``'s downloads (``None``
+        before its first download at θd < 1)."""
+        with self._lock:
+            found = self._seen.get(client_id)
+            return None if found is None else found.clone()
+
+    def restore(self, state: ServerState) -> None:
+        """Replace the state by ``state`` (of :meth:`snapshot`, or read back from
+        a checkpoint); refused when its shapes do not fit this server."""
+        shapes = [state.parameters.shape, state.counts.shape]
+        shapes += [v.shape for v in state.seen.values()]
+        if any(s != self._params.shape for s in shapes):
+            raise UpdateError(
+                f"a restored state must hold {self.size} values per tensor, got "
+                f"shapes {[tuple(s) for s in shapes]}"
+            )
+        for k in state.seen:
+            self._check_client(k)
+        if state.version < 0:
+            raise UpdateError(f"version must be >= 0, got {state.version}")
+        with self._lock:
+            self._params = state.parameters.to(torch.float32).clone()
+            self._counts = state.counts.to(torch.int64).clone()
+            self._seen = {k: v.to(torch.int64).clone() for k, v in state.seen.items()}
+            self._version = state.version
 
     def _check_client(self, client_id: int) -> None:
         if not 0 <= client_id < self._num_clients:
