@@ -29,7 +29,7 @@ wrong tensor names, dtypes or shapes, NaN or Inf, or a norm over the bound.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -50,7 +50,9 @@ __all__ = [
     "ResultHeader",
     "Revoked",
     "TaskResponse",
+    "add_enrolment_routes",
     "create_app",
+    "problems",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +139,14 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return None if credentials is None else credentials.credentials
 
 
+def problems(exc: ValidationError | RequestValidationError) -> str:
+    """The first five problems pydantic found, as ``where: what; ...``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'header'}: {e['msg']}"
+        for e in exc.errors()[:5]
+    )
+
+
 def _parse_result(raw: str | None) -> ResultMetadata:
     if raw is None:
         raise ServiceError(
@@ -147,25 +157,26 @@ def _parse_result(raw: str | None) -> ResultMetadata:
     try:
         meta = ResultHeader.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'header'}: {e['msg']}"
-            for e in exc.errors()[:5]
-        )
         raise ServiceError(
             f"X-Veil-Result must be JSON {{num_examples >= 1, finite loss, metrics: "
-            f"name -> finite number}}, got: {problems}",
+            f"name -> finite number}}, got: {problems(exc)}",
             400,
         ) from None
     return ResultMetadata(meta.num_examples, meta.loss, dict(meta.metrics))
 
 
-def create_app(server: FederatedServer) -> FastAPI:
-    """The FastAPI app serving ``server`` (see the module docstring)."""
-    app = FastAPI(
-        title="veil federated server",
-        description="Federated rounds (FedAvg, DP-FedAvg) for enrolled devices.",
-        version="1",
-    )
+class _Identities(Protocol):
+    """What :func:`add_enrolment_routes` needs of a server."""
+
+    def enrol(self, client_id: int | None, key: str | None) -> tuple[int, str]: ...
+    def check_admin(self, token: str | None) -> None: ...
+    def revoke(self, client_id: int) -> None: ...
+
+
+def add_enrolment_routes(app: FastAPI, server: _Identities) -> None:
+    """What every veil server app shares: JSON errors (a :class:`ServiceError`'s
+    status; 422 for a request FastAPI could not parse), ``POST /v1/enrol`` and
+    ``POST /v1/clients/{client_id}/revoke``."""
 
     @app.exception_handler(ServiceError)
     async def _refused(request: Request, exc: ServiceError) -> JSONResponse:
@@ -174,11 +185,7 @@ def create_app(server: FederatedServer) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors()[:5]
-        )
-        return JSONResponse({"error": problems}, status_code=422)
+        return JSONResponse({"error": problems(exc)}, status_code=422)
 
     @app.post("/v1/enrol", status_code=201, responses=_ERRORS)
     def enrol(body: EnrolRequest, credentials: Bearer) -> EnrolResponse:
@@ -192,6 +199,17 @@ def create_app(server: FederatedServer) -> FastAPI:
         server.check_admin(_token(credentials))
         server.revoke(client_id)
         return Revoked(client_id=client_id, revoked=True)
+
+
+def create_app(server: FederatedServer) -> FastAPI:
+    """The FastAPI app serving ``server`` (see the module docstring)."""
+    app = FastAPI(
+        title="veil federated server",
+        description="Federated rounds (FedAvg, DP-FedAvg) for enrolled devices.",
+        version="1",
+    )
+
+    add_enrolment_routes(app, server)
 
     @app.get("/v1/config")
     def config() -> dict[str, Any]:

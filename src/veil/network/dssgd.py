@@ -31,12 +31,9 @@ same state as in the simulation.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
-import secrets
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -64,7 +61,8 @@ from veil.learning.dssgd import (
     upload_events,
 )
 from veil.network.dssgd_store import TurnRow, TurnStore
-from veil.network.store import StateStore, hash_token
+from veil.network.enrolment import Enrolment
+from veil.network.store import StateStore
 from veil.privacy import PrivacyEvent, PrivacyLedger
 
 __all__ = [
@@ -258,7 +256,6 @@ class DSSGDService:
         self.failed: str | None = None
         self._new_ledger = new_ledger
         self._lock = threading.Condition()
-        self._tokens = store.clients()
         self._grants: dict[int, _Grant] = {}  # by client id: the turn in flight
         self._count = _Counters()
         self._limit = rounds * num_clients
@@ -268,7 +265,9 @@ class DSSGDService:
         self.stats: list[TurnRow] = []
         self._check_identity(start)
         self._restore()
-        self._admin_sha256 = self._admin_hash()
+        self.enrolment = Enrolment(
+            store, num_clients, self.network.enrolment_key, self._lock
+        )
 
     # --- start and restore -------------------------------------------------------
     @property
@@ -340,87 +339,22 @@ class DSSGDService:
             if expected != self.turn_store.ledger():
                 raise ConfigError("the stored ledger does not match the applied turns")
 
-    def _admin_hash(self) -> str:
-        stored = self.store.get_meta("admin_sha256")
-        if stored is not None:
-            return stored
-        token = secrets.token_urlsafe(32)
-        path = self.store.folder / "admin_token"
-        path.write_text(token + "\n")
-        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-        digest = hash_token(token)
-        self.store.set_meta("admin_sha256", digest)
-        return digest
-
-    # --- enrolment and tokens ----------------------------------------------------
+    # --- enrolment and tokens (veil.network.enrolment) ----------------------------
     def enrol(self, client_id: int | None, key: str | None) -> tuple[int, str]:
-        """Enrol a client (``client_id``, or the lowest free one); return its id
-        and token (returned once, stored only as a hash)."""
-        expected = self.network.enrolment_key
-        if expected is not None and not (
-            key is not None and hmac.compare_digest(key.encode(), expected.encode())
-        ):
-            raise ServiceError("enrolling needs the server's enrolment key", 401)
-        with self._lock:
-            taken = {k for k, _ in self._tokens.values()}
-            if client_id is None:
-                free = [k for k in range(self.num_clients) if k not in taken]
-                if not free:
-                    raise ServiceError("every client id is taken", 409)
-                client_id = free[0]
-            if not 0 <= client_id < self.num_clients:
-                raise ServiceError(
-                    f"client_id must be in [0, {self.num_clients}), got {client_id}",
-                    422,
-                )
-            if client_id in taken:
-                raise ServiceError(
-                    f"client {client_id} is already enrolled; use its token, or "
-                    "another id",
-                    409,
-                )
-            token = secrets.token_urlsafe(32)
-            digest = hash_token(token)
-            self.store.enrol(client_id, digest)
-            self._tokens[digest] = (client_id, False)
-        logger.info("enrolled client %d", client_id)
-        return client_id, token
+        """Enrol a client; see :meth:`Enrolment.enrol`."""
+        return self.enrolment.enrol(client_id, key)
 
     def authenticate(self, token: str | None) -> int:
         """The client id of a device token; 401 unknown, 403 revoked."""
-        if not token:
-            raise ServiceError(
-                "requests must carry the device token: 'Authorization: Bearer TOKEN'",
-                401,
-            )
-        found = self._tokens.get(hash_token(token))
-        if found is None:
-            raise ServiceError("token is unknown: enrol first (POST /v1/enrol)", 401)
-        client_id, revoked = found
-        if revoked:
-            raise ServiceError(f"client {client_id}'s token was revoked", 403)
-        return client_id
+        return self.enrolment.authenticate(token)
 
     def check_admin(self, token: str | None) -> None:
         """Refuse (401) anything but the admin token (``STATE/admin_token``)."""
-        ok = token is not None and hmac.compare_digest(
-            hash_token(token), self._admin_sha256
-        )
-        if not ok:
-            raise ServiceError(
-                "this request needs the admin token (the server's admin_token file)",
-                401,
-            )
+        self.enrolment.check_admin(token)
 
     def revoke(self, client_id: int) -> None:
         """Revoke ``client_id``: its token is refused from now on."""
-        with self._lock:
-            found = [h for h, (k, _) in self._tokens.items() if k == client_id]
-            if not found:
-                raise ServiceError(f"client {client_id} is not enrolled", 404)
-            self.store.revoke(client_id)
-            self._tokens[found[0]] = (client_id, True)
-        logger.info("revoked client %d", client_id)
+        self.enrolment.revoke(client_id)
 
     # --- whose turn --------------------------------------------------------------
     def _schedule(self, slot: int) -> tuple[int, int]:
@@ -858,8 +792,8 @@ class DSSGDService:
                 "turns_in_flight": len(self._grants),
                 "turns_released": self._open_slots(),
                 "current": current,
-                "clients_enrolled": len(self._tokens),
-                "clients_revoked": sum(1 for _, r in self._tokens.values() if r),
+                "clients_enrolled": self.enrolment.counts()[0],
+                "clients_revoked": self.enrolment.counts()[1],
                 "bytes_up": sum(r.bytes_up or 0 for r in self.stats),
                 "bytes_down": sum(r.bytes_down for r in self.stats),
                 "ledger_entries": sum(len(self._events(r)) for r in self.stats),

@@ -32,8 +32,6 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import FastAPI, Header, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -42,11 +40,10 @@ from veil.errors import ServiceError
 from veil.network.app import (
     RETRY_AFTER,
     Bearer,
-    EnrolRequest,
-    EnrolResponse,
     ErrorBody,
-    Revoked,
     _token,
+    add_enrolment_routes,
+    problems,
 )
 from veil.network.dssgd import MAX_WAIT, DSSGDService, TurnResult
 
@@ -123,13 +120,9 @@ def _parse_result(raw: str | None) -> TurnResult:
     try:
         meta = TurnResultHeader.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'header'}: {e['msg']}"
-            for e in exc.errors()[:5]
-        )
         raise ServiceError(
             "X-Veil-Result must be JSON {finite loss, over_budget: bool, metrics: "
-            f"name -> finite number}}, got: {problems}",
+            f"name -> finite number}}, got: {problems(exc)}",
             400,
         ) from None
     return TurnResult(meta.loss, meta.over_budget, dict(meta.metrics))
@@ -143,31 +136,7 @@ def create_dssgd_app(service: DSSGDService) -> FastAPI:
         version="1",
     )
 
-    @app.exception_handler(ServiceError)
-    async def _refused(request: Request, exc: ServiceError) -> JSONResponse:
-        logger.info("refused %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"error": str(exc)}, status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors()[:5]
-        )
-        return JSONResponse({"error": problems}, status_code=422)
-
-    @app.post("/v1/enrol", status_code=201, responses=_ERRORS)
-    def enrol(body: EnrolRequest, credentials: Bearer) -> EnrolResponse:
-        """Enrol a device as a client; the token is returned once."""
-        client_id, token = service.enrol(body.client_id, _token(credentials))
-        return EnrolResponse(client_id=client_id, token=token)
-
-    @app.post("/v1/clients/{client_id}/revoke", responses=_ERRORS)
-    def revoke(client_id: int, credentials: Bearer) -> Revoked:
-        """Revoke a client's token (admin token required)."""
-        service.check_admin(_token(credentials))
-        service.revoke(client_id)
-        return Revoked(client_id=client_id, revoked=True)
+    add_enrolment_routes(app, service)
 
     @app.get("/v1/config")
     def config() -> dict[str, Any]:
