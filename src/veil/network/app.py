@@ -29,7 +29,7 @@ wrong tensor names, dtypes or shapes, NaN or Inf, or a norm over the bound.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from veil._wire import read_body
 from veil.errors import ServiceError
+from veil.network.enrolment import Enrolment
 from veil.network.server import FederatedServer, ResultMetadata
 
 __all__ = [
@@ -165,15 +166,7 @@ def _parse_result(raw: str | None) -> ResultMetadata:
     return ResultMetadata(meta.num_examples, meta.loss, dict(meta.metrics))
 
 
-class _Identities(Protocol):
-    """What :func:`add_enrolment_routes` needs of a server."""
-
-    def enrol(self, client_id: int | None, key: str | None) -> tuple[int, str]: ...
-    def check_admin(self, token: str | None) -> None: ...
-    def revoke(self, client_id: int) -> None: ...
-
-
-def add_enrolment_routes(app: FastAPI, server: _Identities) -> None:
+def add_enrolment_routes(app: FastAPI, enrolment: Enrolment) -> None:
     """What every veil server app shares: JSON errors (a :class:`ServiceError`'s
     status; 422 for a request FastAPI could not parse), ``POST /v1/enrol`` and
     ``POST /v1/clients/{client_id}/revoke``."""
@@ -190,14 +183,14 @@ def add_enrolment_routes(app: FastAPI, server: _Identities) -> None:
     @app.post("/v1/enrol", status_code=201, responses=_ERRORS)
     def enrol(body: EnrolRequest, credentials: Bearer) -> EnrolResponse:
         """Enrol a device as a client; the token is returned once."""
-        client_id, token = server.enrol(body.client_id, _token(credentials))
+        client_id, token = enrolment.enrol(body.client_id, _token(credentials))
         return EnrolResponse(client_id=client_id, token=token)
 
     @app.post("/v1/clients/{client_id}/revoke", responses=_ERRORS)
     def revoke(client_id: int, credentials: Bearer) -> Revoked:
         """Revoke a client's token (admin token required)."""
-        server.check_admin(_token(credentials))
-        server.revoke(client_id)
+        enrolment.check_admin(_token(credentials))
+        enrolment.revoke(client_id)
         return Revoked(client_id=client_id, revoked=True)
 
 
@@ -209,7 +202,7 @@ def create_app(server: FederatedServer) -> FastAPI:
         version="1",
     )
 
-    add_enrolment_routes(app, server)
+    add_enrolment_routes(app, server.enrolment)
 
     @app.get("/v1/config")
     def config() -> dict[str, Any]:

@@ -136,7 +136,7 @@ def create_dssgd_app(service: DSSGDService) -> FastAPI:
         version="1",
     )
 
-    add_enrolment_routes(app, service)
+    add_enrolment_routes(app, service.enrolment)
 
     @app.get("/v1/config")
     def config() -> dict[str, Any]:

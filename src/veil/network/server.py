@@ -260,21 +260,9 @@ class FederatedServer:
         return rows[-1].round if rows[-1].status == "open" else rows[-1].round + 1
 
     # --- enrolment and tokens (veil.network.enrolment) ----------------------------
-    def enrol(self, client_id: int | None, key: str | None) -> tuple[int, str]:
-        """Enrol a client; see :meth:`Enrolment.enrol`."""
-        return self.enrolment.enrol(client_id, key)
-
     def authenticate(self, token: str | None) -> int:
         """The client id of a device token; 401 unknown, 403 revoked."""
         return self.enrolment.authenticate(token)
-
-    def check_admin(self, token: str | None) -> None:
-        """Refuse (401) anything but the admin token (``STATE/admin_token``)."""
-        self.enrolment.check_admin(token)
-
-    def revoke(self, client_id: int) -> None:
-        """Revoke ``client_id``: its token is refused from now on."""
-        self.enrolment.revoke(client_id)
 
     # --- serving a round ---------------------------------------------------------
     def task_for(self, client_id: int) -> TaskInfo | None:
