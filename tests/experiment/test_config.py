@@ -39,6 +39,7 @@ def test_unknown_key_names_key_and_allowed_keys() -> None:
         ({"methods": ["fedsgd"]}, "methods", "['fedsgd']"),
         ({"methods": []}, "methods", "[]"),
         ({"data": {"num_clients": "many"}}, "data.num_clients", "'many'"),
+        ({"seed": -5}, "seed", "-5"),
     ],
 )
 def test_bad_values_name_key_and_value(raw: dict, key: str, found: str) -> None:
@@ -54,6 +55,11 @@ def test_file_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("name = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    (tmp_path / "image.toml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_config(tmp_path / "image.toml")
 
 
 def test_every_method_name_has_a_runner() -> None:

@@ -173,6 +173,13 @@ CASES: dict[str, tuple[Case, int, str]] = {
         400,
         "num_examples",
     ),
+    "more examples than any device holds": (
+        lambda h, t, p: h.upload(
+            t[p[0]], 1, zeros(h), meta={"num_examples": 10**30, "loss": 1.0}
+        ),
+        400,
+        "num_examples",
+    ),
     "NaN loss": (
         lambda h, t, p: h.upload(
             t[p[0]], 1, zeros(h), meta='{"num_examples": 3, "loss": NaN}'

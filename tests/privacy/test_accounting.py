@@ -202,3 +202,21 @@ def test_calibration_edges() -> None:
     # A tiny target is met by a large noise multiplier, not refused.
     z = calibrate_noise_multiplier(1e-3, 1.0, 10, 1e-5, "rdp")
     assert z > 100 and dpsgd_epsilon(z, 1.0, 10, 1e-5, "rdp") <= 1e-3
+
+
+def test_an_accountant_out_of_memory_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PLD's grid for a tiny noise multiplier can exceed memory (hundreds of PiB);
+    # the failure is stood in for here rather than provoked.
+    from dp_accounting.pld import pld_privacy_accountant
+
+    def exhausted(self: object, *args: object, **kwargs: object) -> None:
+        raise MemoryError("Unable to allocate 711. PiB")
+
+    monkeypatch.setattr(
+        pld_privacy_accountant.PLDAccountant, "_compose", exhausted, raising=False
+    )
+    monkeypatch.setattr(pld_privacy_accountant.PLDAccountant, "compose", exhausted)
+    with pytest.raises(PrivacyError, match="out of memory.*accountant 'rdp'"):
+        dpsgd_epsilon(1e-6, 1.0, 10, 1e-5)

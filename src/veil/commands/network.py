@@ -15,7 +15,7 @@ Errors veil raises on purpose print one message and exit with status 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,7 +35,13 @@ def parse_clients(text: str) -> list[int]:
     try:
         for part in text.split(","):
             a, _, b = part.strip().partition("-")
-            ids.extend(range(int(a), int(b or a) + 1))
+            first, last = int(a), int(b or a)
+            if last < first:
+                raise ConfigError(
+                    f"--clients range {part.strip()!r} runs backwards; write "
+                    f"'{last}-{first}'"
+                )
+            ids.extend(range(first, last + 1))
     except ValueError:
         raise ConfigError(
             f"--clients must be ids or ranges like '0-4,7', got {text!r}"
@@ -58,6 +64,8 @@ def _read_key(path: Path | None) -> str | None:
     return None if path is None else path.read_text().strip()
 
 
+_EXISTING_FILE: dict[str, Any] = {"exists": True, "dir_okay": False, "readable": True}
+
 DataDir = Annotated[
     Path | None,
     typer.Option("--data-dir", envvar="VEIL_DATA", help="Folder of datasets."),
@@ -67,6 +75,7 @@ KeyFile = Annotated[
     typer.Option(
         "--enrolment-key-file",
         help="File holding the enrolment key devices must present to enrol.",
+        **_EXISTING_FILE,
     ),
 ]
 
@@ -85,9 +94,12 @@ def serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8443,
     cert: Annotated[
-        Path | None, typer.Option("--cert", help="TLS certificate.")
+        Path | None,
+        typer.Option("--cert", help="TLS certificate.", **_EXISTING_FILE),
     ] = None,
-    key: Annotated[Path | None, typer.Option("--key", help="TLS private key.")] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="TLS private key.", **_EXISTING_FILE)
+    ] = None,
     enrolment_key_file: KeyFile = None,
     linger: Annotated[
         float, typer.Option("--linger", help="Seconds to keep answering at the end.")
@@ -104,6 +116,7 @@ def serve(
         cfg = load_config(config)
         if method is None:
             method = _default_method(cfg.methods)
+        _check_serving(state, host, port, cert, key)
         run_server(
             cfg,
             method,
@@ -121,6 +134,44 @@ def serve(
         raise _fail(exc) from None
 
 
+def _check_serving(
+    state: Path, host: str, port: int, cert: Path | None, key: Path | None
+) -> None:
+    """Refuse, before anything starts, what would stop the server from starting:
+    a state path that is a file, a certificate and key that do not load together,
+    an address it cannot listen on."""
+    import socket
+    import ssl
+
+    if state.exists() and not state.is_dir():
+        raise ConfigError(
+            f"--state {state} is a file; give a folder (new or the run's)"
+        )
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --key go together: give both, or neither")
+    if cert is not None and key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                cert, key
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--cert {cert} and --key {key} do not load as a certificate and its "
+                f"private key (PEM): {exc}; `veil certs` writes a matching pair"
+            ) from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
+            "--host or --port"
+        ) from None
+
+
 def join(
     server: Annotated[str, typer.Option("--server", help="The server's URL.")],
     clients: Annotated[
@@ -128,7 +179,9 @@ def join(
     ],
     ca_file: Annotated[
         Path | None,
-        typer.Option("--ca-file", help="Certificate to trust (e.g. cert.pem)."),
+        typer.Option(
+            "--ca-file", help="Certificate to trust (e.g. cert.pem).", **_EXISTING_FILE
+        ),
     ] = None,
     token_file: Annotated[
         Path | None,
@@ -172,5 +225,12 @@ def certs(
     """Write a self-signed certificate (cert.pem) and key (key.pem) for trials."""
     from veil.network.certs import write_self_signed
 
-    cert, key = write_self_signed(out, host, days)
+    if out.exists() and not out.is_dir():
+        raise _fail(ConfigError(f"--out {out} is a file; give a folder"))
+    try:
+        cert, key = write_self_signed(out, host, days)
+    except ValueError as exc:
+        raise _fail(ConfigError(f"--host {host}: {exc}")) from None
+    except OSError as exc:
+        raise _fail(ConfigError(f"cannot write into {out}: {exc}")) from None
     typer.echo(f"certificate {cert} (devices: --ca-file {cert}), key {key}")

@@ -442,6 +442,37 @@ def serve(
     return final
 
 
+def _read_tokens(path: Path | None) -> dict[str, str]:
+    """The tokens kept in ``path`` (client id -> token), checked before anything is
+    enrolled, so that a token file that cannot be written or read never costs a
+    client its identity."""
+    import json
+
+    if path is None:
+        return {}
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"--token-file {path}: its folder {path.parent} does not exist; create it "
+            "or choose another file"
+        )
+    if not path.exists():
+        return {}
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(
+            f"--token-file {path} is not a token file written by veil join "
+            f"(JSON {{client id: token}}): {exc}"
+        ) from None
+    if not isinstance(known, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in known.items()
+    ):
+        raise ConfigError(
+            f"--token-file {path} must hold a JSON object {{client id: token}}"
+        )
+    return known
+
+
 def join(
     server: str,
     clients: list[int],
@@ -459,15 +490,13 @@ def join(
 
     from veil.network.device import DeviceClient, Identity, run_device
 
+    path = None if token_file is None else Path(token_file)
+    known = _read_tokens(path)
     client = DeviceClient(server, ca_file, max_unreachable)
     try:
         method, served = client.config()
         if method != "dssgd":
             algorithm, model, data = client_side(method, served, data_dir)
-        known: dict[str, str] = {}
-        path = None if token_file is None else Path(token_file)
-        if path is not None and path.exists():
-            known = json.loads(path.read_text())
         identities = []
         for k in clients:
             if str(k) not in known:

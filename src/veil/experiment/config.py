@@ -381,7 +381,7 @@ class ExperimentConfig(_Section):
     """The whole experiment. Methods run in the order of :data:`METHOD_NAMES`."""
 
     name: str = "experiment"
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     methods: list[str] = Field(default_factory=lambda: ["fedavg"], min_length=1)
     target_accuracy: Annotated[float, Field(gt=0, le=1)] | None = None
     runtime: Literal["simulation", "ray", "network"] = "simulation"

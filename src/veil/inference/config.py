@@ -157,7 +157,7 @@ class InferenceConfig(_Section):
     """The whole ``veil infer train`` config (see the module docstring)."""
 
     name: str = "inference"
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     data: InferenceDataConfig = InferenceDataConfig()
     model: SplitModelConfig = SplitModelConfig()
     pretrain: PretrainConfig = PretrainConfig()

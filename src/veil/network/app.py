@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from veil._wire import read_body
 from veil.errors import ServiceError
@@ -61,6 +62,9 @@ logger = logging.getLogger(__name__)
 #: Seconds a device should wait before asking again when there is no work.
 RETRY_AFTER = 1
 _MAX_METRICS = 32
+# The most examples one update may report: far above any phone, far below what
+# SQLite (int64) and the float64 weights can hold exactly.
+MAX_EXAMPLES = 2**31 - 1
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -91,7 +95,7 @@ class TaskResponse(BaseModel):
 class ResultHeader(BaseModel):
     """The ``X-Veil-Result`` header: what the device says about its update."""
 
-    num_examples: Annotated[int, Field(ge=1)]
+    num_examples: Annotated[int, Field(ge=1, le=MAX_EXAMPLES)]
     loss: FiniteFloat
     metrics: Annotated[
         dict[Annotated[str, Field(max_length=64)], FiniteFloat],
@@ -159,7 +163,8 @@ def _parse_result(raw: str | None) -> ResultMetadata:
         meta = ResultHeader.model_validate_json(raw)
     except ValidationError as exc:
         raise ServiceError(
-            f"X-Veil-Result must be JSON {{num_examples >= 1, finite loss, metrics: "
+            f"X-Veil-Result must be JSON {{num_examples in [1, {MAX_EXAMPLES}], finite "
+            "loss, metrics: "
             f"name -> finite number}}, got: {problems(exc)}",
             400,
         ) from None
@@ -179,6 +184,16 @@ def add_enrolment_routes(app: FastAPI, enrolment: Enrolment) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": problems(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (unknown path, a body it cannot parse) in the
+        # same {"error": ...} shape as veil's.
+        return JSONResponse(
+            {"error": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.post("/v1/enrol", status_code=201, responses=_ERRORS)
     def enrol(body: EnrolRequest, credentials: Bearer) -> EnrolResponse:

@@ -197,8 +197,17 @@ def epsilon_of_event(
             f"accountant {accountant!r} cannot account for {event} under the "
             f"{relation!r} neighbouring relation{hint}"
         )
-    acc.compose(event)
-    epsilon = float(acc.get_epsilon(delta))
+    try:
+        acc.compose(event)
+        epsilon = float(acc.get_epsilon(delta))
+    except MemoryError:
+        # The PLD accountant discretises the privacy loss; a tiny noise multiplier
+        # or a huge number of steps makes that grid larger than memory.
+        raise PrivacyError(
+            f"accountant {accountant!r} ran out of memory on {event} (a very small "
+            "noise multiplier or very many steps make its grid too large); use "
+            "accountant 'rdp', which answers in constant memory"
+        ) from None
     if math.isinf(epsilon) and private:
         raise PrivacyError(
             f"accountant {accountant!r} cannot resolve delta={delta:g}: it is below "
