@@ -221,9 +221,16 @@ def start_uvicorn(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, **ssl)
-    )
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Long polls (GET /v1/task?wait=S) answer now, or uvicorn would wait
+            # for them before it stops.
+            release = getattr(app.state, "release_waiters", None)
+            if release is not None:
+                release()
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, **ssl))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
     thread.daemon = True
     thread.start()
