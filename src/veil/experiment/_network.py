@@ -221,6 +221,7 @@ def start_uvicorn(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             # Long polls (GET /v1/task?wait=S) answer now, or uvicorn would wait

@@ -16,6 +16,7 @@ once): uvicorn calls it before it stops, so that it does not wait for long polls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 __all__ = ["Wakeup"]
@@ -28,6 +29,8 @@ class Wakeup:
         self._guard = threading.Lock()
         self._events: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
         self.closed = False
+        #: Requests waiting now (changed on the event loops only).
+        self.waiting = 0
 
     def event(self) -> asyncio.Event:
         """The event the next :meth:`fire` sets, for the running event loop.
@@ -46,10 +49,9 @@ class Wakeup:
         with self._guard:
             events, self._events = self._events, {}
         for loop, ready in events.items():
-            try:
+            # A closed loop refuses the call: nobody waits there any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # that loop was closed: nobody waits there
-                pass
 
     def close(self) -> None:
         """Wake every waiting request, and let later waits return at once."""
@@ -62,8 +64,11 @@ class Wakeup:
         ``True`` if it was set."""
         if seconds <= 0:
             return ready.is_set()
+        self.waiting += 1
         try:
             await asyncio.wait_for(ready.wait(), seconds)
         except TimeoutError:
             return False
+        finally:
+            self.waiting -= 1
         return True

@@ -55,7 +55,6 @@ from veil.errors import (
 )
 from veil.learning._types import ClientResult, ClientTask, StateDict
 from veil.learning.encoding import decode, encode, encoded_size
-from veil.network._longpoll import Wakeup
 from veil.network._algorithms import (
     apply_checkpoint,
     check_metrics,
@@ -65,6 +64,7 @@ from veil.network._algorithms import (
     new_events,
     norm_bound,
 )
+from veil.network._longpoll import Wakeup
 from veil.network.store import AcceptedUpdate, StateStore, hash_token
 from veil.privacy import PrivacyEvent
 from veil.runtime import FederatedAlgorithm, RoundStats
