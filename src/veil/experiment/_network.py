@@ -459,10 +459,13 @@ def join(
     token_file: str | Path | None = None,
     enrolment_key: str | None = None,
     max_unreachable: float = 120.0,
+    task_wait: float = 10.0,
 ) -> int:
     """``veil join``: act as devices for ``clients`` until the run is over; return
     the number of updates accepted. Tokens are kept in ``token_file`` (JSON, owner
-    only) when given, so a restarted device keeps its identities."""
+    only) when given, so a restarted device keeps its identities. ``task_wait``:
+    seconds the server may hold an idle task request (0 to 10; 0 polls with
+    backoff)."""
     import json
 
     from veil.network.device import DeviceClient, Identity, run_device
@@ -492,7 +495,9 @@ def join(
         if is_secure(algorithm):
             from veil.network.secagg_device import run_secure_device
 
-            return run_secure_device(client, algorithm, model, data, identities)
-        return run_device(client, algorithm, model, data, identities)
+            return run_secure_device(
+                client, algorithm, model, data, identities, wait=task_wait
+            )
+        return run_device(client, algorithm, model, data, identities, wait=task_wait)
     finally:
         client.close()
