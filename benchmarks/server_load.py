@@ -20,8 +20,10 @@ each worker) and prints the server's CPU time per upload, which does not depend 
 how many cores the generators (or other jobs) left it. Wall-clock rates on a shared
 machine depend on its load, printed with each measurement.
 
-Every round each device asks for its task (backing off as ``veil join`` does while
-there is none: 0.1 s, doubling to 2 s), downloads the model and uploads its update
+Every round each device asks for its task as ``veil join`` does (a long poll,
+``GET /v1/task?wait=10``, held by the server until a round opens; backing off
+0.1 s doubling to 2 s only after an empty answer that came at once), downloads the
+model and uploads its update
 (a fixed random update, so device compute is not measured); the server checks each
 upload completely (token, round, names, shapes, dtypes, finite values, norm),
 stores it durably, and aggregates when all are in.
@@ -59,6 +61,8 @@ import numpy as np
 from fastapi import FastAPI, Request  # at module level: the sink's annotations
 
 PARAMETERS = 100_000
+# Seconds a device's idle task request may be held: veil.network.device.TASK_WAIT.
+TASK_WAIT = 10.0
 
 
 def free_port() -> int:
@@ -170,17 +174,24 @@ async def device(
             "POST", "/v1/enrol", {"Content-Type": "application/json"}, json_body
         )
         auth = {"Authorization": f"Bearer {json.loads(answer)['token']}"}
-        sent, wait = 0, 0.0
+        sent, pause = 0, 0.0
         while True:
-            status, answer = await http.request("GET", "/v1/task", auth)
+            asked = time.monotonic()
+            status, answer = await http.request(
+                "GET", f"/v1/task?wait={TASK_WAIT:g}", auth
+            )
             requests[str(status)] = requests.get(str(status), 0) + 1
             if status == 410:
                 return sent
-            if status == 204:  # back off as veil join does: 0.1 s doubling to 2 s
-                wait = min(max(2 * wait, 0.1), 2.0)
-                await asyncio.sleep(wait * random.uniform(0.5, 1.0))
+            if status == 204:  # as veil join: at once after a held long poll,
+                # else back off 0.1 s doubling to 2 s
+                if time.monotonic() - asked >= min(TASK_WAIT, 1.0) / 2:
+                    pause = 0.0
+                    continue
+                pause = min(max(2 * pause, 0.1), 2.0)
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                 continue
-            wait = 0.0
+            pause = 0.0
             rnd = json.loads(answer)["round"]
             await http.request("GET", f"/v1/rounds/{rnd}/model", auth)
             start = time.monotonic()

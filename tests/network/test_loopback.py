@@ -132,10 +132,10 @@ class Deployment:
             log=self.folder / "server.log",
         )  # fmt: skip
 
-    def join(self, clients: str) -> subprocess.Popen[bytes]:
+    def join(self, clients: str, *options: str) -> subprocess.Popen[bytes]:
         p = veil(
             "join", "--server", self.url, "--clients", clients,
-            "--ca-file", str(self.cert),
+            "--ca-file", str(self.cert), *options,
             log=self.folder / f"device-{clients}.log",
         )  # fmt: skip
         self.devices.append(p)

@@ -58,8 +58,11 @@ def test_server_killed_mid_protocol_fails_that_round_and_finishes(
 ) -> None:
     d = deployment(secure_config(rounds=3, timeout=60))
     d.serve()
-    d.join("0-4")
-    d.join("5-9")
+    # Devices that poll with backoff (no long polls) keep round 2 open long
+    # enough for the status polls below to catch it mid-protocol; with long
+    # polls a 10-client secure round can be over in 0.2 s.
+    d.join("0-4", "--task-wait", "0")
+    d.join("5-9", "--task-wait", "0")
     d.wait_for(open_round(2, received=1), 180)  # round 2: a key is advertised
     assert d.server is not None
     os.kill(d.server.pid, signal.SIGKILL)

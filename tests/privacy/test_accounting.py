@@ -218,5 +218,5 @@ def test_an_accountant_out_of_memory_is_a_clear_error(
         pld_privacy_accountant.PLDAccountant, "_compose", exhausted, raising=False
     )
     monkeypatch.setattr(pld_privacy_accountant.PLDAccountant, "compose", exhausted)
-    with pytest.raises(PrivacyError, match="out of memory.*accountant 'rdp'"):
+    with pytest.raises(PrivacyError, match=r"out of memory.*accountant 'rdp'"):
         dpsgd_epsilon(1e-6, 1.0, 10, 1e-5)

@@ -192,6 +192,16 @@ def join(
         float,
         typer.Option("--max-unreachable", help="Give up after this many seconds."),
     ] = 120.0,
+    task_wait: Annotated[
+        float,
+        typer.Option(
+            "--task-wait",
+            min=0.0,
+            max=10.0,
+            help="Seconds the server may hold an idle task request (a long poll); "
+            "0 polls with backoff instead.",
+        ),
+    ] = 10.0,
     data_dir: DataDir = None,
 ) -> None:
     """Act as device(s) for CLIENTS: enrol, poll for tasks, train, upload."""
@@ -206,6 +216,7 @@ def join(
             token_file=token_file,
             enrolment_key=_read_key(enrolment_key_file),
             max_unreachable=max_unreachable,
+            task_wait=task_wait,
         )
     except VeilError as exc:
         raise _fail(exc) from None

@@ -221,9 +221,17 @@ def start_uvicorn(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, **ssl)
-    )
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Long polls (GET /v1/task?wait=S) answer now, or uvicorn would wait
+            # for them before it stops.
+            release = getattr(app.state, "release_waiters", None)
+            if release is not None:
+                release()
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, **ssl))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
     thread.daemon = True
     thread.start()
@@ -482,10 +490,13 @@ def join(
     token_file: str | Path | None = None,
     enrolment_key: str | None = None,
     max_unreachable: float = 120.0,
+    task_wait: float = 10.0,
 ) -> int:
     """``veil join``: act as devices for ``clients`` until the run is over; return
     the number of updates accepted. Tokens are kept in ``token_file`` (JSON, owner
-    only) when given, so a restarted device keeps its identities."""
+    only) when given, so a restarted device keeps its identities. ``task_wait``:
+    seconds the server may hold an idle task request (0 to 10; 0 polls with
+    backoff)."""
     import json
 
     from veil.network.device import DeviceClient, Identity, run_device
@@ -513,7 +524,9 @@ def join(
         if is_secure(algorithm):
             from veil.network.secagg_device import run_secure_device
 
-            return run_secure_device(client, algorithm, model, data, identities)
-        return run_device(client, algorithm, model, data, identities)
+            return run_secure_device(
+                client, algorithm, model, data, identities, wait=task_wait
+            )
+        return run_device(client, algorithm, model, data, identities, wait=task_wait)
     finally:
         client.close()

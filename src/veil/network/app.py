@@ -10,9 +10,13 @@ Endpoints (all under ``/v1``; OpenAPI at ``/openapi.json``, docs at ``/docs``):
 - ``GET /v1/config``: the method and the experiment config devices build from.
 - ``GET /v1/status``: open round, rounds aggregated and failed, clients, updates,
   epsilon spent (from the ledger).
-- ``GET /v1/task``: device token -> 200 the task (round, client id, seed,
+- ``GET /v1/task?wait=S``: device token -> 200 the task (round, client id, seed,
   settings), 204 nothing to do now (retry after ``Retry-After`` seconds), 410 the
-  run is over.
+  run is over. With ``wait`` (seconds, 0 to 10, default 0: answer at once) a
+  request with no task yet is held (a long poll, on the event loop) until the
+  client has a task, a round opens without one for it (204), ``S`` seconds pass
+  (204), or the run ends (410): devices learn of a new round at once without
+  polling in a loop.
 - ``GET /v1/rounds/{round}/model``: device token -> the global model, safetensors.
 - ``POST /v1/rounds/{round}/update``: device token, ``X-Veil-Result`` JSON header
   ``{"num_examples", "loss", "metrics"}``, body the update as safetensors ->
@@ -31,7 +35,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -44,6 +48,7 @@ from veil.network.enrolment import Enrolment
 from veil.network.server import FederatedServer, ResultMetadata
 
 __all__ = [
+    "MAX_TASK_WAIT",
     "RETRY_AFTER",
     "Accepted",
     "EnrolRequest",
@@ -61,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a device should wait before asking again when there is no work.
 RETRY_AFTER = 1
+#: The longest a ``GET /v1/task?wait=S`` request may be held, in seconds.
+MAX_TASK_WAIT = 10.0
 _MAX_METRICS = 32
 # The most examples one update may report: far above any phone, far below what
 # SQLite (int64) and the float64 weights can hold exactly.
@@ -216,6 +223,9 @@ def create_app(server: FederatedServer) -> FastAPI:
         description="Federated rounds (FedAvg, DP-FedAvg) for enrolled devices.",
         version="1",
     )
+    # Called by the uvicorn runner before it stops: held task requests answer
+    # 204 at once instead of keeping the server up for their wait.
+    app.state.release_waiters = server.wakeup.close
 
     add_enrolment_routes(app, server.enrolment)
 
@@ -238,10 +248,23 @@ def create_app(server: FederatedServer) -> FastAPI:
             410: {"model": ErrorBody, "description": "The run is over"},
         },
     )
-    async def task(credentials: Bearer) -> Any:
-        """This client's task in the open round, if it has one."""
+    async def task(
+        credentials: Bearer,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0,
+                le=MAX_TASK_WAIT,
+                description="Seconds to hold the request while this client has "
+                "no task (0 to 10; 0 answers at once). It is answered as soon as "
+                "the client has a task, a round opens, or the run ends.",
+            ),
+        ] = 0.0,
+    ) -> Any:
+        """This client's task in the open round, if it has one (waiting up to
+        ``wait`` seconds for one)."""
         client_id = server.authenticate(_token(credentials))
-        info = server.task_for(client_id)
+        info = await server.wait_for_task(client_id, wait)
         if info is None:
             return Response(status_code=204, headers={"Retry-After": str(RETRY_AFTER)})
         return TaskResponse(**info.__dict__)

@@ -4,9 +4,13 @@ A device holds one or more client identities (a phone holds one; a test or demo
 process may stand in for several), each with its own token. It asks the server for
 each identity's task, downloads the round's global model once, runs the algorithm's
 ``client_fit`` on that client's own data and uploads the update as safetensors with
-its metadata as JSON. With nothing to do it waits, doubling the wait up to a cap;
-when the server cannot be reached or answers 5xx it retries with backoff, so it
-rides out a server restart. It stops when the server says the run is over (410),
+its metadata as JSON. With nothing to do it long-polls: ``GET /v1/task?wait=S``
+is held by the server until a round opens (or ``S`` seconds pass), so the device
+learns of a round at once and sends one request per ``S`` seconds while idle.
+Only when the server answers faster than that (a server without long polls, or
+one stopping) does it wait between polls, doubling the wait up to a cap. When the
+server cannot be reached or answers 5xx it retries with backoff, so it rides out a
+server restart. It stops when the server says the run is over (410),
 when every identity was revoked, or after ``max_unreachable`` seconds without
 reaching the server.
 
@@ -35,9 +39,12 @@ from veil.learning._types import ClientTask
 from veil.learning.encoding import decode, encode
 from veil.runtime import FederatedAlgorithm
 
-__all__ = ["Backoff", "DeviceClient", "Identity", "run_device"]
+__all__ = ["TASK_WAIT", "Backoff", "DeviceClient", "Identity", "run_device"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a device asks the server to hold a task request (``?wait=``) when idle.
+TASK_WAIT = 10.0
 
 
 @dataclass
@@ -86,6 +93,7 @@ class DeviceClient:
             verify = ssl.create_default_context(cafile=str(ca_file))
         self.http = httpx.Client(base_url=server, verify=verify, timeout=timeout)
         self.max_unreachable = max_unreachable
+        self.timeout = timeout
 
     def close(self) -> None:
         self.http.close()
@@ -109,6 +117,15 @@ class DeviceClient:
                 )
             logger.info("%s %s failed (%s); retrying", method, path, problem)
             backoff.wait()
+
+    def task(self, token: str, wait: float = 0.0) -> httpx.Response:
+        """``GET /v1/task``, held by the server up to ``wait`` seconds while there
+        is no task (the read timeout is set above ``wait``)."""
+        kwargs: dict[str, Any] = {"headers": _bearer(token)}
+        if wait > 0:
+            kwargs["params"] = {"wait": f"{wait:g}"}
+            kwargs["timeout"] = max(self.timeout, wait + 10.0)
+        return self.request("GET", "/v1/task", **kwargs)
 
     def config(self) -> tuple[str, dict[str, Any]]:
         """The method and experiment config the server runs."""
@@ -162,12 +179,15 @@ class _Device:
         self.models: dict[int, Any] = {}
         self.sent = 0
 
-    def step(self) -> bool | None:
+    def step(self, wait: float = 0.0) -> bool | None:
         """Ask for every identity's task and do those given; ``True`` if any work
-        was done, ``None`` once the run is over or nobody is left."""
+        was done, ``None`` once the run is over or nobody is left. The last
+        identity's request, when nothing was given before it, waits up to
+        ``wait`` seconds for a round to open (a long poll)."""
         worked = False
-        for ident in list(self.identities):
-            r = self.client.request("GET", "/v1/task", headers=_bearer(ident.token))
+        for i, ident in enumerate(list(self.identities)):
+            last = i == len(self.identities) - 1
+            r = self.client.task(ident.token, wait if last and not worked else 0.0)
             if r.status_code == 410:
                 return None
             if r.status_code in (401, 403):
@@ -232,6 +252,7 @@ def run_device(
     data: ClientData,
     identities: list[Identity],
     poll: Backoff | None = None,
+    wait: float = TASK_WAIT,
 ) -> int:
     """Work for ``identities`` until the run is over; return the updates accepted.
 
@@ -242,16 +263,27 @@ def run_device(
         model: a scratch model of the run's architecture (weights are overwritten).
         data: a client's ``(features, labels)`` by client id.
         identities: the client ids this device acts for, with their tokens.
-        poll: how long to wait between polls with nothing to do.
+        poll: how long to wait between polls that came back empty at once.
+        wait: seconds the server may hold an idle task request (0 to 10; 0 polls
+            without long polls, waiting ``poll`` between polls).
     """
     device = _Device(client, algorithm, model, data, identities)
     poll = poll or Backoff(first=0.1, cap=2.0)
     while True:
-        worked = device.step()
+        started = time.monotonic()
+        worked = device.step(wait)
         if worked is None:
             logger.info("device done: %d updates accepted", device.sent)
             return device.sent
-        if worked:
-            poll.reset()
-        else:
-            poll.wait()
+        pace(poll, worked, time.monotonic() - started, wait)
+
+
+def pace(poll: Backoff, worked: bool, seconds: float, wait: float) -> None:
+    """Between two steps of a device loop: go on at once after work or after a
+    long poll that was held; back off after an empty answer that came at once
+    (``seconds`` under half of ``min(wait, 1)``: no long polls, or a server
+    stopping), so that a device never asks in a tight loop."""
+    if worked or (wait > 0 and seconds >= min(wait, 1.0) / 2):
+        poll.reset()
+    else:
+        poll.wait()

@@ -15,6 +15,7 @@ process can stand in for many clients of one round.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,15 @@ from veil.network._secagg_wire import (
     masked_input_body,
     server_message,
 )
-from veil.network.device import Backoff, DeviceClient, Identity, _bearer, _Device
+from veil.network.device import (
+    TASK_WAIT,
+    Backoff,
+    DeviceClient,
+    Identity,
+    _bearer,
+    _Device,
+    pace,
+)
 from veil.network.secagg import STEP_NAMES
 from veil.runtime import FederatedAlgorithm
 from veil.secagg import SecAggClient, Step
@@ -151,11 +160,13 @@ class _SecureDevice(_Device):
         self.sessions: dict[int, SecureSession] = {}
         self.stop_after = dict(stop_after)
 
-    def step(self) -> bool | None:
+    def step(self, wait: float = 0.0) -> bool | None:
         """Answer every session's open step and ask for the other clients'
-        tasks; ``True`` if any work was done, ``None`` once the run is over."""
+        tasks; ``True`` if any work was done, ``None`` once the run is over. With
+        no session open and nothing given before it, the last identity's task
+        request waits up to ``wait`` seconds for a round (a long poll)."""
         worked = False
-        for ident in list(self.identities):
+        for i, ident in enumerate(list(self.identities)):
             session = self.sessions.get(ident.client_id)
             if session is not None:
                 worked |= session.poll(self.client)
@@ -163,7 +174,9 @@ class _SecureDevice(_Device):
                     del self.sessions[ident.client_id]
                     self.sent += session.completed
                 continue
-            r = self.client.request("GET", "/v1/task", headers=_bearer(ident.token))
+            last = i == len(self.identities) - 1
+            idle = last and not worked and not self.sessions
+            r = self.client.task(ident.token, wait if idle else 0.0)
             if r.status_code == 410:
                 return None
             if r.status_code in (401, 403):
@@ -200,6 +213,7 @@ def run_secure_device(
     identities: list[Identity],
     poll: Backoff | None = None,
     stop_after: Mapping[int, Step] | None = None,
+    wait: float = TASK_WAIT,
 ) -> int:
     """:func:`~veil.network.device.run_device` for a server that aggregates
     securely; returns how many (client, round) pairs answered every step.
@@ -210,17 +224,17 @@ def run_secure_device(
             waits for the slowest client).
         stop_after: client id -> the step after which it stops answering, in every
             round (simulated dropouts for tests and demos).
+        wait: seconds the server may hold an idle task request (a long poll,
+            asked only while no secure session is open); 0 for none.
     """
     device = _SecureDevice(
         client, algorithm, model, data, identities, stop_after=stop_after or {}
     )
     poll = poll or Backoff(first=0.02, cap=0.5)
     while True:
-        worked = device.step()
+        started = time.monotonic()
+        worked = device.step(wait)
         if worked is None:
             logger.info("device done: %d secure rounds completed", device.sent)
             return device.sent
-        if worked:
-            poll.reset()
-        else:
-            poll.wait()
+        pace(poll, worked, time.monotonic() - started, wait)

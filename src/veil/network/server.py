@@ -61,6 +61,7 @@ from veil.network._algorithms import (
     new_events,
     norm_bound,
 )
+from veil.network._longpoll import Wakeup
 from veil.network.enrolment import Enrolment
 from veil.network.store import AcceptedUpdate, StateStore
 from veil.privacy import PrivacyEvent
@@ -199,6 +200,8 @@ class FederatedServer:
         self.finished = False
         self._lock = threading.Condition()
         self._round: _OpenRound | None = None
+        # Wakes GET /v1/task?wait=S requests when a round opens or the run ends.
+        self.wakeup = Wakeup()
         self._reference = {k: v.clone() for k, v in self._global_state().items()}
         limit = self.settings.max_body_bytes
         self._max_body = (
@@ -282,6 +285,27 @@ class FederatedServer:
                 return None
             left = max(cur.deadline - time.time(), 0.0)
             return TaskInfo(cur.round, client_id, task.seed, dict(task.settings), left)
+
+    async def wait_for_task(self, client_id: int, wait: float) -> TaskInfo | None:
+        """:meth:`task_for`, waiting on the event loop up to ``wait`` seconds for
+        a task (no lock is held and no thread is spent while waiting).
+
+        Answers at once when the client has a task; else when a round opens (with
+        ``None`` if the round did not pick the client, so that a device acting
+        for several clients can ask for the others), when ``wait`` seconds pass,
+        or when the server stops serving (``None``).
+
+        Raises:
+            ServiceError: 410 once the run is over, also while waiting.
+        """
+        end = time.monotonic() + wait
+        ready = self.wakeup.event()  # before looking: a change after it wakes us
+        info = self.task_for(client_id)
+        if info is not None or self.wakeup.closed:
+            return info
+        if await self.wakeup.wait(ready, end - time.monotonic()):
+            return self.task_for(client_id)
+        return None
 
     def model_bytes(self, rnd: int) -> bytes:
         """The safetensors bytes of the global model of the open round ``rnd``."""
@@ -539,6 +563,7 @@ class FederatedServer:
         with self._lock:
             self._round = cur
             self._lock.notify_all()
+        self.wakeup.fire()
         logger.info("round %d: open, %d clients", rnd, len(tasks))
         return cur
 
@@ -594,6 +619,7 @@ class FederatedServer:
             self.finished = True
             self._round = None
             self._lock.notify_all()
+        self.wakeup.fire()
 
     # --- status ------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
