@@ -39,7 +39,7 @@ from veil.learning._types import ClientTask
 from veil.learning.encoding import decode, encode
 from veil.runtime import FederatedAlgorithm
 
-__all__ = ["TASK_WAIT", "Backoff", "DeviceClient", "Identity", "run_device"]
+__all__ = ["TASK_WAIT", "Backoff", "DeviceClient", "Identity", "pace", "run_device"]
 
 logger = logging.getLogger(__name__)
 
