@@ -12,10 +12,17 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from veil.errors import ConfigError
 
@@ -36,10 +43,38 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field typed ``annotation`` means to take ``true`` / ``false``."""
+    if annotation is bool or annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    if origin is None:
+        return False
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
 class Section(BaseModel):
-    """A config section: unknown keys are refused and values cannot change."""
+    """A config section: unknown keys are refused and values cannot change.
+
+    A TOML ``true`` / ``false`` is refused where a number is expected (pydantic
+    would read ``rounds = true`` as one round).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if (
+            isinstance(value, bool)
+            and field is not None
+            and not _accepts_bool(field.annotation)
+        ):
+            raise ValueError("must be a number or a name here, not true or false")
+        return value
 
 
 def check_name(v: str) -> str:

@@ -40,6 +40,7 @@ def test_unknown_key_names_key_and_allowed_keys() -> None:
         ({"methods": []}, "methods", "[]"),
         ({"data": {"num_clients": "many"}}, "data.num_clients", "'many'"),
         ({"seed": -5}, "seed", "-5"),
+        ({"fedavg": {"rounds": True}}, "fedavg.rounds", "True"),
     ],
 )
 def test_bad_values_name_key_and_value(raw: dict, key: str, found: str) -> None:
