@@ -23,11 +23,7 @@ transaction survives the process being killed.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +32,7 @@ import torch
 from safetensors.torch import load, save
 
 from veil.errors import ConfigError
+from veil.network.store import SQLiteDatabase
 
 __all__ = ["STATE_FORMAT", "TurnRow", "TurnStore"]
 
@@ -121,7 +118,7 @@ class TurnRow:
     over_budget: bool | None
 
 
-class TurnStore:
+class TurnStore(SQLiteDatabase):
     """``STATE/dssgd.sqlite``: the DSSGD service's turns, state and ledger.
 
     Args:
@@ -132,39 +129,15 @@ class TurnStore:
     """
 
     def __init__(self, folder: str | Path, synchronous: str = "NORMAL") -> None:
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ConfigError(
-                f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}"
-            )
+        self.check_synchronous(synchronous)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.folder / "dssgd.sqlite", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute(f"PRAGMA synchronous = {synchronous}")
-        self._db.executescript(_SCHEMA)
+        self._connect(self.folder / "dssgd.sqlite", synchronous, _SCHEMA)
 
     def close(self) -> None:
         """Close the database."""
         with self._lock:
             self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
 
     # --- the global state ------------------------------------------------------
     def write_initial(self, parameters: torch.Tensor) -> None:

@@ -64,6 +64,7 @@ from veil.learning._types import StateDict
 __all__ = [
     "AcceptedUpdate",
     "RoundRow",
+    "SQLiteDatabase",
     "StateStore",
     "hash_token",
 ]
@@ -151,59 +152,28 @@ class AcceptedUpdate:
     tensors: bytes
 
 
-class StateStore:
-    """The SQLite database and checkpoint folder of one server.
+class SQLiteDatabase:
+    """One SQLite file in WAL mode, shared by threads: one connection under a lock,
+    each write one transaction (:meth:`_transaction`). The state stores of the
+    federated server and of DSSGD's parameter server are built on it."""
 
-    Args:
-        folder: where ``state.sqlite`` and ``checkpoints/`` live (created).
-        synchronous: SQLite's ``synchronous`` setting, ``"NORMAL"`` (default:
-            durable against a killed process) or ``"FULL"`` (also against power
-            loss).
+    _lock: threading.Lock
+    _db: sqlite3.Connection
 
-    Every method is safe to call from several threads: one connection is shared
-    under a lock, and each write is one transaction. Updates are stored by a writer
-    thread (:meth:`submit_update`), started with the first one.
-    """
-
-    def __init__(self, folder: str | Path, synchronous: str = "NORMAL") -> None:
+    @staticmethod
+    def check_synchronous(synchronous: str) -> None:
+        """Refuse a ``synchronous`` setting veil does not offer."""
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigError(
                 f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}"
             )
-        self.folder = Path(folder)
-        self.checkpoints = self.folder / "checkpoints"
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.update_files = self.folder / "updates"
-        self.update_files.mkdir(exist_ok=True)
-        self._full = synchronous == "FULL"
+
+    def _connect(self, path: Path, synchronous: str, schema: str) -> None:
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._writer_lock = threading.Lock()
-        self._closed = False
-        self._db = sqlite3.connect(
-            self.folder / "state.sqlite",
-            check_same_thread=False,
-            isolation_level=None,
-        )
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute(f"PRAGMA synchronous = {synchronous}")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(updates)")}
-        if "sha256" not in columns:  # a state folder from before update files
-            self._db.execute("ALTER TABLE updates ADD COLUMN sha256 TEXT")
-
-    def close(self) -> None:
-        """Store the updates already submitted, stop the writer, close the
-        database."""
-        with self._writer_lock:
-            self._closed = True
-            writer = self._writer
-        if writer is not None:
-            self._queue.put(None)
-            writer.join()
-        with self._lock:
-            self._db.close()
+        self._db.executescript(schema)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -219,6 +189,50 @@ class StateStore:
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+
+class StateStore(SQLiteDatabase):
+    """The SQLite database and checkpoint folder of one server.
+
+    Args:
+        folder: where ``state.sqlite`` and ``checkpoints/`` live (created).
+        synchronous: SQLite's ``synchronous`` setting, ``"NORMAL"`` (default:
+            durable against a killed process) or ``"FULL"`` (also against power
+            loss).
+
+    Every method is safe to call from several threads: one connection is shared
+    under a lock, and each write is one transaction. Updates are stored by a writer
+    thread (:meth:`submit_update`), started with the first one.
+    """
+
+    def __init__(self, folder: str | Path, synchronous: str = "NORMAL") -> None:
+        self.check_synchronous(synchronous)
+        self.folder = Path(folder)
+        self.checkpoints = self.folder / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.update_files = self.folder / "updates"
+        self.update_files.mkdir(exist_ok=True)
+        self._full = synchronous == "FULL"
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+        self._closed = False
+        self._connect(self.folder / "state.sqlite", synchronous, _SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(updates)")}
+        if "sha256" not in columns:  # a state folder from before update files
+            self._db.execute("ALTER TABLE updates ADD COLUMN sha256 TEXT")
+
+    def close(self) -> None:
+        """Store the updates already submitted, stop the writer, close the
+        database."""
+        with self._writer_lock:
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
+            self._queue.put(None)
+            writer.join()
+        with self._lock:
+            self._db.close()
 
     # meta
     def get_meta(self, key: str) -> str | None:
