@@ -29,6 +29,24 @@ def test_certs_writes_a_usable_pair_with_a_private_key(tmp_path: Path) -> None:
     assert mode == 0o600
 
 
+def test_certs_keeps_an_existing_pair_unless_forced(tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["certs", "--out", str(tmp_path)]).exit_code == 0
+    key = (tmp_path / "key.pem").read_bytes()
+    cert = (tmp_path / "cert.pem").read_bytes()
+
+    again = runner.invoke(app, ["certs", "--out", str(tmp_path)])
+    assert again.exit_code != 0
+    assert "already holds cert.pem and key.pem" in again.output
+    assert "--force" in again.output
+    assert (tmp_path / "key.pem").read_bytes() == key
+    assert (tmp_path / "cert.pem").read_bytes() == cert
+
+    forced = runner.invoke(app, ["certs", "--out", str(tmp_path), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "key.pem").read_bytes() != key
+
+
 def test_client_ranges() -> None:
     assert parse_clients("0-2,5, 7") == [0, 1, 2, 5, 7]
     for bad in ("", "a-b", "-3", "5-2"):

@@ -232,6 +232,10 @@ def certs(
         typer.Option("--host", help="Name or IP the certificate is for (repeat)."),
     ] = None,
     days: Annotated[int, typer.Option("--days", min=1)] = 30,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace a cert.pem/key.pem already in --out."),
+    ] = False,
 ) -> None:
     """Write a self-signed certificate (cert.pem) and key (key.pem) for trials."""
     from veil.network.certs import write_self_signed
@@ -239,7 +243,9 @@ def certs(
     if out.exists() and not out.is_dir():
         raise _fail(ConfigError(f"--out {out} is a file; give a folder"))
     try:
-        cert, key = write_self_signed(out, host, days)
+        cert, key = write_self_signed(out, host, days, overwrite=force)
+    except ConfigError as exc:
+        raise _fail(exc) from None
     except ValueError as exc:
         raise _fail(ConfigError(f"--host {host}: {exc}")) from None
     except OSError as exc:

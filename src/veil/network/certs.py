@@ -36,7 +36,11 @@ def _names(hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def write_self_signed(
-    folder: str | Path, hosts: list[str] | None = None, days: int = 30
+    folder: str | Path,
+    hosts: list[str] | None = None,
+    days: int = 30,
+    *,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write ``cert.pem`` and ``key.pem`` into ``folder``; return their paths.
 
@@ -45,9 +49,24 @@ def write_self_signed(
         hosts: names and IP addresses the certificate is valid for; default
             ``["localhost", "127.0.0.1"]``.
         days: validity from now, >= 1.
+        overwrite: replace a pair already in ``folder``. Off by default: a server
+            may be using that key, and devices trust that certificate.
+
+    Raises:
+        ConfigError: ``days`` < 1, or ``folder`` already holds ``cert.pem`` or
+            ``key.pem`` and ``overwrite`` is off (nothing is written).
     """
     if days < 1:
         raise ConfigError(f"days must be >= 1, got {days}")
+    out = Path(folder)
+    cert_path, key_path = out / "cert.pem", out / "key.pem"
+    existing = [p.name for p in (cert_path, key_path) if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{out} already holds {' and '.join(existing)}; a server may be using "
+            "that key and devices may trust that certificate. Choose another folder, "
+            "or replace them on purpose (overwrite=True, `veil certs --force`)"
+        )
     hosts = hosts or ["localhost", "127.0.0.1"]
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
@@ -64,9 +83,7 @@ def write_self_signed(
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = out / "cert.pem", out / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
