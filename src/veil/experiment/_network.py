@@ -39,6 +39,7 @@ from veil.data import load_dataset, partition
 from veil.errors import ConfigError
 from veil.experiment._secagg import SecureFedAvg, secure_fedavg
 from veil.experiment.config import ExperimentConfig, parse_config
+from veil.experiment.rundir import append_record
 from veil.learning import FedAvg, SGDTrainer
 from veil.models import build_model
 from veil.network import FederatedServer, ServerSettings, StateStore, create_app
@@ -350,7 +351,6 @@ def _evaluator(
 ) -> Callable[[RoundStats], None]:
     """Log each round to ``folder/metrics.jsonl``, with test accuracy when the
     server can read the dataset's test set (the server never needs training data)."""
-    import json
 
     from veil.errors import DataError
     from veil.learning import evaluate
@@ -374,8 +374,7 @@ def _evaluator(
         if test is not None:
             model.load_state_dict(getattr(algorithm, "global_state"))  # noqa: B009
             record["accuracy"], record["loss"] = evaluate(model, test.x, test.y)
-        with open(folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(folder / "metrics.jsonl", record)
         logger.info("round %d: %s", stats.round, record)
 
     return log

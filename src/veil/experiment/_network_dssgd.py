@@ -18,7 +18,6 @@ and ``veil join`` for the ``dssgd`` method.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -44,6 +43,7 @@ from veil.experiment._dssgd import (
     turn_trainer,
 )
 from veil.experiment.config import ExperimentConfig, parse_config
+from veil.experiment.rundir import append_record
 from veil.learning import SGDTrainer
 from veil.learning.dssgd import DSSGDClient, DSSGDSettings, ParameterServer, flatten
 from veil.models import build_model
@@ -414,8 +414,7 @@ def _round_logger(
         if test is not None:
             model.load_state_dict(unflatten(params, like))
             record["accuracy"], record["loss"] = evaluate(model, test.x, test.y)
-        with open(folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(folder / "metrics.jsonl", record)
         logger.info("round %d: %s", rnd, record)
 
     return log

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from veil.errors import ConfigError
 from veil.learning._types import StateDict
 
-__all__ = ["MetricsLog", "new_run_dir", "read_metrics", "save_model"]
+__all__ = ["MetricsLog", "append_record", "new_run_dir", "read_metrics", "save_model"]
 
 #: Keys every metrics record carries.
 RECORD_KEYS = (
@@ -70,10 +70,17 @@ class MetricsLog:
         missing = [k for k in RECORD_KEYS if k not in record]
         if missing:
             raise ValueError(f"metrics record is missing {missing}")
-        clean = {k: _json_number(v) for k, v in record.items()}
-        self.records.append(clean)
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        self.records.append(append_record(self.path, record))
+
+
+def append_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Append ``record`` to the JSON-lines file ``path`` and return what was
+    written: NaN and infinities become ``null``, which JSON can hold (a bare ``NaN``
+    is not JSON, and other tools would refuse the whole file)."""
+    clean = {k: _json_number(v) for k, v in record.items()}
+    with path.open("a") as f:
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
+    return clean
 
 
 def _json_number(v: Any) -> Any:
