@@ -21,6 +21,9 @@ from veil.commands.network import certs, join, serve
 from veil.commands.privacy import app as privacy_app
 from veil.errors import VeilError
 
+#: The files that mark a run directory of `veil infer` (its report is built from them).
+INFERENCE_RUN_FILES = ("results.json", "split-model.json")
+
 __all__ = ["app", "demo", "report", "run"]
 
 app = typer.Typer(
@@ -141,13 +144,14 @@ def _with_network(config: Path) -> Path:
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory of `veil run`.")],
 ) -> None:
-    """Rebuild the report of RUN_DIR from its config and metrics."""
+    """Rebuild the report of RUN_DIR from its config and metrics (or, for a run of
+    `veil infer`, from its results.json and split-model.json)."""
     from veil.experiment import write_report
+    from veil.inference.experiment import write_inference_report
 
-    if not (run_dir / "config.toml").exists():
-        raise _fail(VeilError(f"{run_dir} is not a run directory: config.toml missing"))
+    inference = all((run_dir / f).is_file() for f in INFERENCE_RUN_FILES)
     try:
-        path = write_report(run_dir)
+        path = write_inference_report(run_dir) if inference else write_report(run_dir)
     except VeilError as exc:
         raise _fail(exc) from None
     typer.echo(str(path))

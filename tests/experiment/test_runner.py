@@ -112,3 +112,34 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
         app, ["run", str(tmp_path / "bad.toml"), "--data-dir", str(tmp_path)]
     )
     assert result.exit_code == 2
+
+
+def test_report_refuses_a_damaged_run_directory(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("")
+    config = tmp_path / "config.toml"
+    for text, expected in [
+        ("name = [unclosed", "not valid TOML"),
+        ('name = "x"\nseed = 0\n[data]\ndataset = "mnist"\n', "lacks data.partition"),
+        ('name = "x"\nseed = 0\ndata = 3\n[model]\nname = "2nn"\n', "data.dataset"),
+    ]:
+        config.write_text(text)
+        result = CliRunner().invoke(app, ["report", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        assert expected in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "report.md").exists()
+
+
+def test_report_rebuilds_a_private_inference_run(tmp_path: Path) -> None:
+    import shutil
+
+    source = Path(__file__).parents[2] / "docs" / "results" / "inference-phishing"
+    shutil.copytree(source, tmp_path / "run")
+    written = (tmp_path / "run" / "report.md").read_text()
+    (tmp_path / "run" / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "report.md").read_text() == written
+
+    (tmp_path / "run" / "results.json").write_text("{}")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "results.json" in result.output

@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from veil.errors import ConfigError
 from veil.experiment._attacks import attacks_section
 from veil.experiment._dp import read_privacy
 from veil.experiment._dssgd import dssgd_section
@@ -266,10 +267,45 @@ def _trust_notes(privacy: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+#: What the report reads from a run's config.
+_REPORT_KEYS = (
+    "name",
+    "seed",
+    "data.dataset",
+    "data.partition",
+    "data.num_clients",
+    "model.name",
+)
+
+
+def _has(table: object, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(table, dict) or key not in table:
+            return False
+        table = table[key]
+    return True
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.toml``, checked for what the report reads."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: config.toml is missing")
+    fix = "it should be the resolved config `veil run` wrote; restore it from there"
+    try:
+        config = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); {fix}") from None
+    missing = [key for key in _REPORT_KEYS if not _has(config, key.split("."))]
+    if missing:
+        raise ConfigError(f"{path} lacks {', '.join(missing)}; {fix}")
+    return config
+
+
 def write_report(run_dir: str | Path) -> Path:
     """(Re)build ``report.md``, ``summary.json`` and the plots of a run directory."""
     run_dir = Path(run_dir)
-    config = tomllib.loads((run_dir / "config.toml").read_text())
+    config = _run_config(run_dir)
     records = read_metrics(run_dir)
     target = config.get("target_accuracy")
     summary = summarize(records, target)

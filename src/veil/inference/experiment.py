@@ -34,6 +34,7 @@ from torch import nn
 
 from veil._seeding import derive_seed, torch_generator
 from veil.data import Dataset, load_dataset
+from veil.errors import ConfigError
 from veil.experiment.rundir import new_run_dir
 from veil.inference.artifacts import SplitSpec, save_split
 from veil.inference.config import InferenceConfig, dump_inference_config
@@ -224,8 +225,23 @@ def _with_clouds(spec: SplitSpec, config: InferenceConfig) -> SplitSpec:
 
 def write_inference_report(run_dir: Path) -> Path:
     """Write ``report.md`` from ``results.json`` and ``split-model.json``."""
-    results = json.loads((run_dir / "results.json").read_text())
-    spec = json.loads((run_dir / "split-model.json").read_text())
+    try:
+        return _inference_report(
+            run_dir,
+            json.loads((run_dir / "results.json").read_text()),
+            json.loads((run_dir / "split-model.json").read_text()),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"cannot rebuild the report of {run_dir} from results.json and "
+            f"split-model.json ({type(exc).__name__}: {exc}); they should be the "
+            "files `veil infer run` wrote"
+        ) from None
+
+
+def _inference_report(
+    run_dir: Path, results: dict[str, Any], spec: dict[str, Any]
+) -> Path:
     base = results["baseline_accuracy"]
     lines = [
         f"# Private inference: {results['dataset']}",
