@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from veil.errors import ServiceError
-from veil.learning._types import ClientTask
+from veil.learning._types import ClientResult, ClientTask
 from veil.learning.encoding import decode, encode
 from veil.runtime import FederatedAlgorithm
 
@@ -208,7 +208,11 @@ class _Device:
             self.models = {rnd: decode(r.content)}
         return self.models[rnd]
 
-    def work(self, ident: Identity, task: dict[str, Any]) -> None:
+    def fit(
+        self, ident: Identity, task: dict[str, Any]
+    ) -> tuple[ClientTask, ClientResult] | None:
+        """Download the task's round model and train on the client's data; ``None``
+        when the round closed before the model could be downloaded."""
         rnd = int(task["round"])
         try:
             state = self.global_model(rnd, ident.token)
@@ -216,10 +220,17 @@ class _Device:
             logger.info(
                 "client %d: no model for round %d (%s)", ident.client_id, rnd, exc
             )
-            return
+            return None
         t = ClientTask(ident.client_id, rnd, int(task["seed"]), state, task["settings"])
         x, y = self.data(ident.client_id)
-        result = self.algorithm.client_fit(t, self.model, x, y)
+        return t, self.algorithm.client_fit(t, self.model, x, y)
+
+    def work(self, ident: Identity, task: dict[str, Any]) -> None:
+        fitted = self.fit(ident, task)
+        if fitted is None:
+            return
+        t, result = fitted
+        rnd = t.round
         meta = {
             "num_examples": result.num_examples,
             "loss": result.loss,

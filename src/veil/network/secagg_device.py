@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from veil.errors import ServiceError, VeilError
+from veil.errors import VeilError
 from veil.learning._types import ClientResult, ClientTask
 from veil.network._secagg_wire import (
     client_body,
@@ -188,17 +188,10 @@ class _SecureDevice(_Device):
         return worked if self.identities else None
 
     def work(self, ident: Identity, task: dict[str, Any]) -> None:
-        rnd = int(task["round"])
-        try:
-            state = self.global_model(rnd, ident.token)
-        except ServiceError as exc:  # the round closed meanwhile
-            logger.info(
-                "client %d: no model for round %d (%s)", ident.client_id, rnd, exc
-            )
+        fitted = self.fit(ident, task)
+        if fitted is None:
             return
-        t = ClientTask(ident.client_id, rnd, int(task["seed"]), state, task["settings"])
-        x, y = self.data(ident.client_id)
-        result = self.algorithm.client_fit(t, self.model, x, y)
+        t, result = fitted
         stop = self.stop_after.get(ident.client_id)
         session = SecureSession(self.algorithm, ident, t, result, stop)
         self.sessions[ident.client_id] = session
