@@ -56,10 +56,11 @@ def test_secure_network_runtime_equals_simulation(tmp_path: Path, method: str) -
 def test_server_killed_mid_protocol_fails_that_round_and_finishes(
     deployment: Callable[[str], Deployment],
 ) -> None:
-    """Only devices 0-4 run at first, so round 1 (clients from both halves) waits
-    in its key advertisement for the others: the server is SIGKILLed there, with
-    no race against a fast round. Restarted, it fails round 1 with the reason;
-    devices 5-9 join and rounds 2 and 3 aggregate."""
+    """Only devices 0-4 run at first, so round 1 (seed 4 samples clients 0, 1, 2
+    and two of 5-9) waits in its key advertisement for the others; should the
+    sample change, the wait or the round statuses below fail, not pass. The server
+    is SIGKILLed there, with no race against a fast round. Restarted, it fails
+    round 1 with the reason; devices 5-9 join and rounds 2 and 3 aggregate."""
     d = deployment(secure_config(rounds=3, timeout=120))
     d.serve()
     d.join("0-4")
